@@ -1,0 +1,203 @@
+"""Typed configs: YAML in, validated by pydantic, one-line errors out. No strings are evaluated.
+
+A judge config picks one of four backends with `backend:`; unknown keys are errors (a typo
+should never be silently ignored). Fields that change a judge's answers go into its cache key;
+fields that only change speed (batch size, concurrency, URLs, timeouts) do not.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from openrlaif.errors import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
+
+PACKAGED_JUDGE_DIR = Path(__file__).parent / "configs" / "judges"
+
+# Fields that never change a judgment, left out of the cache key.
+SPEED_ONLY_FIELDS = {
+    "name", "batch_size", "device", "concurrency", "base_urls", "api_key_env", "timeout_s",
+    "max_retries", "backoff_base_s", "backoff_max_s", "reuse_prefix_cache", "weight",
+}  # fmt: skip
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class DecodingConfig(_Strict):
+    """Chain of thought and self-consistency, shared by the HF and HTTP judges."""
+
+    cot: bool = False  # two steps: greedy rationale, then score the label tokens
+    self_consistency: int = Field(1, ge=1)  # >1: that many rationales at `temperature`, averaged
+    temperature: float = Field(1.0, gt=0.0)  # only used when self_consistency > 1
+    max_rationale_tokens: int = Field(256, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistency_needs_cot(self) -> DecodingConfig:
+        if self.self_consistency > 1 and not self.cot:
+            raise ValueError("self_consistency > 1 needs cot: true (it samples several rationales)")
+        return self
+
+
+class HFJudgeConfig(DecodingConfig):
+    """A local causal LM scored by the log-probabilities of the label tokens."""
+
+    backend: Literal["hf"] = "hf"
+    name: str | None = None
+    model: str  # any Hugging Face model id or local path
+    revision: str | None = None
+    template: str = "harmless"  # built-in template set name or a YAML file
+    chat_template: Literal["auto", "on", "off"] = "auto"  # "auto": use it when the tokenizer has one
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"  # "auto" = cuda when available, else cpu
+    batch_size: int = Field(16, ge=1)
+    max_length: int | None = None  # prompts longer than this are cut from the left of the context
+    reuse_prefix_cache: bool = True  # encode the shared preamble/few-shot prefix once (KV cache)
+    trust_remote_code: bool = False
+
+
+class OpenAIJudgeConfig(DecodingConfig):
+    """An OpenAI-compatible server (vLLM, SGLang, llama.cpp server, OpenAI) scored via logprobs."""
+
+    backend: Literal["openai"] = "openai"
+    name: str | None = None
+    model: str
+    base_urls: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8000/v1"], min_length=1)
+    endpoint: Literal["completions", "chat"] = "completions"
+    api_key_env: str | None = "OPENAI_API_KEY"  # the *name* of the variable; the key is never stored
+    template: str = "harmless"
+    top_logprobs: int = Field(20, ge=1, le=20)
+    concurrency: int = Field(16, ge=1)
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(5, ge=0)
+    backoff_base_s: float = Field(0.5, ge=0)
+    backoff_max_s: float = Field(30.0, ge=0)
+
+
+class EmbeddingJudgeConfig(_Strict):
+    """A sentence-embedding rubric judge: cheap, offline, weak. See judges/embedding.py."""
+
+    backend: Literal["embedding"] = "embedding"
+    name: str | None = None
+    model: str = "packaged:all-MiniLM-L6-v2"  # or any sentence-transformers model id/path
+    rubric: str
+    anti_rubric: str | None = None
+    prompt_weight: float = 0.0  # >0: penalise responses that echo the request
+    temperature: float = Field(0.05, gt=0.0)  # of the logistic on the score difference
+    batch_size: int = Field(64, ge=1)
+    device: str = "cpu"
+
+
+class EnsembleJudgeConfig(_Strict):
+    """Averages the soft labels (and scores) of several judges."""
+
+    backend: Literal["ensemble"] = "ensemble"
+    name: str | None = None
+    judges: list[
+        Annotated[HFJudgeConfig | OpenAIJudgeConfig | EmbeddingJudgeConfig, Field(discriminator="backend")]
+        | str
+    ] = Field(min_length=1)
+    weights: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _weights_match(self) -> EnsembleJudgeConfig:
+        if self.weights is not None:
+            if len(self.weights) != len(self.judges):
+                raise ValueError(f"weights has {len(self.weights)} entries but judges has {len(self.judges)}")
+            if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
+                raise ValueError("weights must be non-negative and not all zero")
+        return self
+
+
+JudgeConfig = Annotated[
+    HFJudgeConfig | OpenAIJudgeConfig | EmbeddingJudgeConfig | EnsembleJudgeConfig,
+    Field(discriminator="backend"),
+]
+
+
+class _JudgeFile(_Strict):
+    judge: JudgeConfig
+
+
+def _format_validation_error(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{source}: {loc or '(top level)'}: {first['msg']}{more}"
+
+
+def read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid UTF-8") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+
+
+def load_yaml_model(path: str | Path, model: type[M]) -> M:
+    """Read a YAML file into a pydantic model with a one-line error naming the file and setting."""
+    path = Path(path)
+    data = read_yaml(path)
+    try:
+        return model.model_validate(data if data is not None else {})
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(str(path), e)) from None
+
+
+def judge_config_from_dict(data: Any, source: str = "<judge config>") -> JudgeConfig:
+    try:
+        return _JudgeFile.model_validate({"judge": data}).judge
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(source, e).replace("judge.", "", 1)) from None
+
+
+def builtin_judge_names() -> list[str]:
+    return sorted(p.stem for p in PACKAGED_JUDGE_DIR.glob("*.yaml"))
+
+
+def resolve_judge_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    packaged = PACKAGED_JUDGE_DIR / f"{name_or_path.removesuffix('.yaml')}.yaml"
+    if packaged.exists():
+        return packaged
+    raise ConfigError(
+        f"judge {name_or_path!r} is neither a file nor a shipped judge ({', '.join(builtin_judge_names())})"
+    )
+
+
+def load_judge_config(name_or_path: str) -> JudgeConfig:
+    """A shipped judge by name (see `openrlaif judges`) or a YAML file with the judge's settings."""
+    path = resolve_judge_path(name_or_path)
+    config = judge_config_from_dict(read_yaml(path), str(path))
+    if isinstance(config, EnsembleJudgeConfig):  # members may be given as names/paths
+        members = []
+        for member in config.judges:
+            members.append(load_judge_config(_relative(member, path)) if isinstance(member, str) else member)
+        config.judges = members
+    return config
+
+
+def _relative(member: str, parent: Path) -> str:
+    candidate = parent.parent / member
+    return str(candidate) if candidate.exists() else member
+
+
+def answer_fields(config: BaseModel) -> dict[str, Any]:
+    """The settings that change a judge's answers (its cache-key part)."""
+    return {k: v for k, v in config.model_dump(mode="json").items() if k not in SPEED_ONLY_FIELDS}

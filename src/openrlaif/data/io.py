@@ -1,0 +1,296 @@
+"""Reading and writing record files (JSONL, JSONL.gz, Parquet) with errors that name file and line.
+
+Bad input never crashes with a traceback and never silently drops a row: every problem is an
+`InputError("file:line: what is wrong")`, unless the caller asked to skip invalid rows, in which
+case the rows are skipped and each reason is kept so the count can be reported.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from openrlaif.data.records import Pair, PromptRecord, ResponseRecord
+from openrlaif.errors import InputError
+
+T = TypeVar("T")
+
+ASSISTANT_MARK = "\n\nAssistant:"
+
+
+@dataclass
+class ReadResult(Generic[T]):
+    records: list[T]
+    skipped: list[str] = field(default_factory=list)  # one "file:line: reason" per skipped row
+
+
+class RowError(ValueError):
+    """A problem with one row's content; the reader adds file and line."""
+
+
+def _open_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            yield number, raw
+
+
+def iter_rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | InputError]]:
+    """Yield (line number, row dict) for each non-blank row; a row that cannot be parsed is
+    yielded as an InputError so the caller decides whether to raise or skip."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(str(path), 0, "file not found")
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        yield from _iter_parquet(path)
+        return
+    if not (name.endswith(".jsonl") or name.endswith(".jsonl.gz") or name.endswith(".json")):
+        raise InputError(str(path), 0, "unknown file type; use .jsonl, .jsonl.gz or .parquet")
+    for number, raw in _open_lines(path):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield (
+                number,
+                InputError(
+                    str(path), number, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                ),
+            )
+            continue
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as e:
+            yield number, InputError(str(path), number, f"malformed JSON ({e.msg} at column {e.colno})")
+            continue
+        if not isinstance(row, dict):
+            yield number, InputError(str(path), number, f"expected a JSON object, got {type(row).__name__}")
+            continue
+        yield number, row
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[int, dict[str, Any] | InputError]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises many types for a broken file
+        raise InputError(str(path), 0, f"cannot read Parquet file ({e})") from None
+    for number, row in enumerate(table.to_pylist(), start=1):
+        yield number, row
+
+
+def read_records(
+    path: str | Path, parse: Callable[[dict[str, Any], int], T], skip_invalid: bool = False
+) -> ReadResult[T]:
+    """Parse every row of `path` with `parse(row, line)`; duplicate ids are errors too."""
+    result: ReadResult[T] = ReadResult(records=[])
+    seen_ids: dict[str, int] = {}
+    for number, row in iter_rows(path):
+        try:
+            if isinstance(row, InputError):
+                raise row
+            try:
+                record = parse(row, number)
+            except RowError as e:
+                raise InputError(str(path), number, str(e)) from None
+            record_id = getattr(record, "id", None)
+            if record_id is not None:
+                if record_id in seen_ids:
+                    raise InputError(
+                        str(path), number, f"duplicate id {record_id!r} (first on line {seen_ids[record_id]})"
+                    )
+                seen_ids[record_id] = number
+        except InputError as e:
+            if not skip_invalid:
+                raise
+            result.skipped.append(str(e))
+            continue
+        result.records.append(record)
+    return result
+
+
+# ---------------------------------------------------------------- field checks
+
+
+def _text(row: dict[str, Any], key: str) -> str:
+    if key not in row or row[key] is None:
+        raise RowError(f"missing field {key!r}")
+    value = row[key]
+    if isinstance(value, list):
+        raise RowError(
+            f"field {key!r} is a list; conversational (message list) records are not supported, give plain text"
+        )
+    if not isinstance(value, str):
+        raise RowError(f"field {key!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise RowError(f"field {key!r} is empty")
+    return value
+
+
+def _row_id(row: dict[str, Any], line: int) -> str:
+    value = row.get("id")
+    if value is None:
+        return f"line-{line}"
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        raise RowError(f"field 'id' must be a string or integer, got {type(value).__name__}")
+    return str(value)
+
+
+def _human_label(row: dict[str, Any]) -> float | None:
+    if "human_label" in row and row["human_label"] is not None:
+        value = row["human_label"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+            raise RowError("field 'human_label' must be a number in [0, 1] (P(A preferred))")
+        return float(value)
+    if "preferred" in row and row["preferred"] is not None:
+        value = str(row["preferred"]).strip().lower()
+        if value not in ("a", "b", "tie"):
+            raise RowError("field 'preferred' must be 'a', 'b' or 'tie'")
+        return {"a": 1.0, "b": 0.0, "tie": 0.5}[value]
+    return None
+
+
+def split_dialogue(dialogue: str) -> tuple[str, str]:
+    """Split an HH-RLHF dialogue at its last `\\n\\nAssistant:` into (prompt, final reply)."""
+    cut = dialogue.rfind(ASSISTANT_MARK)
+    if cut < 0:
+        raise RowError("dialogue has no '\\n\\nAssistant:' turn to split at")
+    return dialogue[: cut + len(ASSISTANT_MARK)], dialogue[cut + len(ASSISTANT_MARK) :].strip()
+
+
+def parse_pair(row: dict[str, Any], line: int) -> Pair:
+    """Accepts three shapes:
+    - `prompt`, `response_a`, `response_b` (+ optional `human_label` or `preferred`);
+    - the standard preference format `prompt`, `chosen`, `rejected` (A = chosen, human label 1);
+    - HH-RLHF dialogues `chosen`, `rejected` with no prompt (split at the last Assistant turn).
+    """
+    pair_id = _row_id(row, line)
+    if "response_a" in row or "response_b" in row:
+        return Pair(
+            pair_id,
+            _text(row, "prompt"),
+            _text(row, "response_a"),
+            _text(row, "response_b"),
+            _human_label(row),
+        )
+    if "chosen" in row or "rejected" in row:
+        chosen, rejected = _text(row, "chosen"), _text(row, "rejected")
+        if "prompt" in row:
+            return Pair(pair_id, _text(row, "prompt"), chosen, rejected, 1.0)
+        prompt, chosen_reply = split_dialogue(chosen)
+        prompt_r, rejected_reply = split_dialogue(rejected)
+        if prompt != prompt_r:
+            raise RowError("'chosen' and 'rejected' dialogues differ before their last Assistant turn")
+        for key, reply in (("chosen", chosen_reply), ("rejected", rejected_reply)):
+            if not reply:
+                raise RowError(f"field {key!r}: the final Assistant reply is empty")
+        return Pair(pair_id, prompt, chosen_reply, rejected_reply, 1.0)
+    raise RowError(
+        "missing fields: need 'prompt', 'response_a', 'response_b' (or 'prompt', 'chosen', 'rejected')"
+    )
+
+
+def parse_response(row: dict[str, Any], line: int) -> ResponseRecord:
+    return ResponseRecord(_row_id(row, line), _text(row, "prompt"), _text(row, "response"))
+
+
+def parse_prompt(row: dict[str, Any], line: int) -> PromptRecord:
+    return PromptRecord(_row_id(row, line), _text(row, "prompt"))
+
+
+def read_pairs(path: str | Path, skip_invalid: bool = False) -> ReadResult[Pair]:
+    return read_records(path, parse_pair, skip_invalid)
+
+
+def read_responses(path: str | Path, skip_invalid: bool = False) -> ReadResult[ResponseRecord]:
+    return read_records(path, parse_response, skip_invalid)
+
+
+def read_prompts(path: str | Path, skip_invalid: bool = False) -> ReadResult[PromptRecord]:
+    return read_records(path, parse_prompt, skip_invalid)
+
+
+# ---------------------------------------------------------------- writing
+
+
+def write_records(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
+    """Write rows to .jsonl or .parquet atomically (a temp file renamed into place)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if path.name.lower().endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(list(rows)), tmp)
+    else:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+class JsonlAppender:
+    """Appends rows to a JSONL file that survives SIGKILL: each batch is flushed and fsynced,
+    and a torn last line left by a killed writer is cut off before appending."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.done_ids = self._recover()
+        self._fh = open(self.path, "a", encoding="utf-8")
+
+    def _recover(self) -> set[str]:
+        if not self.path.exists():
+            return set()
+        data = self.path.read_bytes()
+        end = data.rfind(b"\n") + 1  # keep only complete lines
+        if end != len(data):
+            with open(self.path, "r+b") as fh:
+                fh.truncate(end)
+        ids: set[str] = set()
+        for number, line in enumerate(data[:end].decode("utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                ids.add(str(json.loads(line)["id"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise InputError(
+                    str(self.path),
+                    number,
+                    "existing output is not a file this command wrote; move it away or pick another --out",
+                ) from None
+        return ids
+
+    def write(self, rows: Iterable[dict[str, Any]]) -> None:
+        for row in rows:
+            self._fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            self.done_ids.add(str(row["id"]))
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> JsonlAppender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_jsonl_dicts(path: str | Path) -> list[dict[str, Any]]:
+    rows = []
+    for _, row in iter_rows(path):
+        if isinstance(row, InputError):
+            raise row
+        rows.append(row)
+    return rows

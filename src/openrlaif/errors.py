@@ -1,0 +1,23 @@
+"""Errors a user can cause. The CLI prints them as one line, never as a traceback."""
+
+
+class OpenRLAIFError(Exception):
+    """Base class: the message is complete and says what to fix."""
+
+
+class InputError(OpenRLAIFError):
+    """Bad input data, reported as `file:line: what is wrong`."""
+
+    def __init__(self, path: str, line: int | str, message: str) -> None:
+        self.path = str(path)
+        self.line = line
+        self.reason = message
+        super().__init__(f"{path}:{line}: {message}")
+
+
+class ConfigError(OpenRLAIFError):
+    """A bad config file or setting."""
+
+
+class JudgeError(OpenRLAIFError):
+    """A judge could not answer (unreachable server, unusable model output, ...)."""

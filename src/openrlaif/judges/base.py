@@ -1,0 +1,197 @@
+"""The Judge protocol: one interface, four backends (hf, openai, embedding, ensemble).
+
+A backend implements two batched primitives on *ordered* inputs:
+
+- `judge_orders([(prompt, first, second), ...])` -> P(the response shown first is preferred)
+- `score_responses([(prompt, response), ...])` -> a direct score in [-1, 1]
+
+This base class adds what every backend shares: the cache (each ordered judgment is cached on
+its own, so (A,B) and (B,A) are separate entries), de-duplication, and the paper's position-bias
+mitigation: `compare` judges both orders and averages P(A preferred) over them.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from openrlaif.data.records import JudgeIdentity
+from openrlaif.judges.cache import JudgmentCache, judgment_key
+
+
+@dataclass(frozen=True)
+class OrderedPair:
+    prompt: str
+    first: str
+    second: str
+
+
+@dataclass
+class OrderJudgment:
+    """One judgment of one presentation order."""
+
+    p_first: float  # P(the response shown as "Response 1" is preferred)
+    rationales: list[str] = field(default_factory=list)  # chain of thought, one per sample
+    cached: bool = False
+
+    def to_cache(self) -> dict[str, Any]:
+        return {"p_first": self.p_first, "rationales": self.rationales}
+
+    @classmethod
+    def from_cache(cls, d: dict[str, Any]) -> OrderJudgment:
+        return cls(p_first=float(d["p_first"]), rationales=list(d.get("rationales", [])), cached=True)
+
+
+@dataclass
+class ScoreJudgment:
+    score: float  # in [-1, 1]
+    expected: float | None = None  # probability-weighted 1-10 score, when the judge reads tokens
+    cached: bool = False
+
+    def to_cache(self) -> dict[str, Any]:
+        return {"score": self.score, "expected": self.expected}
+
+    @classmethod
+    def from_cache(cls, d: dict[str, Any]) -> ScoreJudgment:
+        return cls(score=float(d["score"]), expected=d.get("expected"), cached=True)
+
+
+@dataclass
+class Comparison:
+    """Both orders of one pair. `p_a` is the order-averaged soft label P(A preferred)."""
+
+    p_a: float
+    p_a_ab: float  # A shown as Response 1
+    p_a_ba: float  # A shown as Response 2
+    rationale_ab: str | None = None
+    rationale_ba: str | None = None
+    cached: bool = False  # both orders came from the cache
+
+
+def average_orders(ab: OrderJudgment, ba: OrderJudgment) -> Comparison:
+    """Position-bias mitigation: average P(A preferred) over (A,B) and (B,A)."""
+    p_a_ab = ab.p_first
+    p_a_ba = 1.0 - ba.p_first
+    return Comparison(
+        p_a=(p_a_ab + p_a_ba) / 2.0,
+        p_a_ab=p_a_ab,
+        p_a_ba=p_a_ba,
+        rationale_ab=_join_rationales(ab.rationales),
+        rationale_ba=_join_rationales(ba.rationales),
+        cached=ab.cached and ba.cached,
+    )
+
+
+def _join_rationales(rationales: list[str]) -> str | None:
+    if not rationales:
+        return None
+    if len(rationales) == 1:
+        return rationales[0]
+    return "\n\n".join(f"[{i + 1}] {r}" for i, r in enumerate(rationales))
+
+
+def two_way_softmax(logp_1: float, logp_2: float) -> float:
+    """P(label 1) from the log-probabilities of labels 1 and 2 (softmax over the two)."""
+    import math
+
+    m = max(logp_1, logp_2)
+    e1, e2 = math.exp(logp_1 - m), math.exp(logp_2 - m)
+    return e1 / (e1 + e2)
+
+
+def expected_score_to_unit(expected: float, low: float = 1.0, high: float = 10.0) -> float:
+    """Rescale a 1-10 expected score linearly to [-1, 1] (d-RLAIF)."""
+    return 2.0 * (expected - low) / (high - low) - 1.0
+
+
+class Judge(ABC):
+    backend: ClassVar[str]
+
+    def __init__(self) -> None:
+        self.cache: JudgmentCache | None = None
+
+    # ------------------------------------------------------------ identity
+
+    @property
+    @abstractmethod
+    def model_name(self) -> str: ...
+
+    @abstractmethod
+    def fingerprint(self, kind: str) -> dict[str, Any]:
+        """Everything that changes this judge's answers for `kind` ('pair' or 'score')."""
+
+    def template_hash(self, kind: str) -> str:
+        import hashlib
+
+        canonical = json.dumps(self.fingerprint(kind), sort_keys=True).encode()
+        return hashlib.sha256(canonical).hexdigest()[:12]
+
+    def identity(self, kind: str = "pair") -> JudgeIdentity:
+        return JudgeIdentity(
+            backend=self.backend, model=self.model_name, template_hash=self.template_hash(kind)
+        )
+
+    # ------------------------------------------------------------ backend primitives (uncached)
+
+    @abstractmethod
+    def judge_orders(self, items: Sequence[OrderedPair]) -> list[OrderJudgment]: ...
+
+    @abstractmethod
+    def score_responses(self, items: Sequence[tuple[str, str]]) -> list[ScoreJudgment]: ...
+
+    # ------------------------------------------------------------ cached, de-duplicated
+
+    def orders(self, items: Sequence[OrderedPair]) -> list[OrderJudgment]:
+        return self._cached("pair", [(i.prompt, i.first, i.second) for i in items],
+                            lambda todo: self.judge_orders([OrderedPair(*t) for t in todo]),
+                            OrderJudgment.from_cache)  # fmt: skip
+
+    def scores(self, items: Sequence[tuple[str, str]]) -> list[ScoreJudgment]:
+        return self._cached("score", [tuple(i) for i in items],
+                            lambda todo: self.score_responses(todo), ScoreJudgment.from_cache)  # fmt: skip
+
+    def _cached(self, kind: str, texts: list[tuple[str, ...]], run: Any, from_cache: Any) -> list[Any]:
+        fingerprint = self.fingerprint(kind)
+        keys = [judgment_key(fingerprint, kind, t) for t in texts]
+        found = self.cache.get_many(keys) if self.cache is not None else {}
+        results: dict[str, Any] = {k: from_cache(v) for k, v in found.items()}
+        todo_keys = list(dict.fromkeys(k for k in keys if k not in results))  # each miss once
+        if todo_keys:
+            first_text = {k: t for k, t in zip(keys, texts, strict=True)}
+            fresh = run([first_text[k] for k in todo_keys])
+            new = dict(zip(todo_keys, fresh, strict=True))
+            if self.cache is not None:
+                self.cache.put_many(
+                    {k: v.to_cache() for k, v in new.items()}, kind, json.dumps(self.identity(kind).to_dict())
+                )
+            results.update(new)
+        if self.cache is not None:
+            self.cache.hits += sum(k in found for k in keys)
+            self.cache.misses += len(todo_keys)
+        return [results[k] for k in keys]
+
+    # ------------------------------------------------------------ public API
+
+    def compare_many(self, pairs: Sequence[tuple[str, str, str]]) -> list[Comparison]:
+        """P(A preferred) for each (prompt, A, B), judged in both orders and averaged."""
+        ordered: list[OrderedPair] = []
+        for prompt, a, b in pairs:
+            ordered += [OrderedPair(prompt, a, b), OrderedPair(prompt, b, a)]
+        judged = self.orders(ordered)
+        return [average_orders(judged[2 * i], judged[2 * i + 1]) for i in range(len(pairs))]
+
+    def compare(self, prompt: str, a: str, b: str) -> Comparison:
+        return self.compare_many([(prompt, a, b)])[0]
+
+    def score_many(self, items: Sequence[tuple[str, str]]) -> list[ScoreJudgment]:
+        return self.scores(items)
+
+    def score(self, prompt: str, response: str) -> float:
+        """d-RLAIF: a direct score of one response in [-1, 1]."""
+        return self.scores([(prompt, response)])[0].score
+
+    def close(self) -> None:
+        """Release what the judge holds (HTTP connections, model memory)."""

@@ -1,0 +1,78 @@
+"""SQLite cache of single judgments (WAL mode), shared by every judge backend.
+
+One row per judgment: a pairwise judgment of one *ordered* pair, or one direct score. The key
+is a hash of everything that changes the answer (the judge's fingerprint: backend, model,
+template hash, decoding settings; plus the texts in their order), so swapping the order is a
+different judgment and re-running any job reuses every judgment it already made. Writes are
+committed per batch; a job killed with SIGKILL loses at most the batch in flight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CACHE_ENV = "OPENRLAIF_CACHE"
+
+
+def default_cache_path() -> Path:
+    env = os.environ.get(DEFAULT_CACHE_ENV)
+    if env:
+        return Path(env)
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "openrlaif" / "judgments.sqlite3"
+
+
+def judgment_key(fingerprint: Mapping[str, Any], kind: str, texts: Sequence[str]) -> str:
+    payload = json.dumps(
+        {"judge": fingerprint, "kind": kind, "texts": list(texts)}, sort_keys=True, ensure_ascii=False
+    )
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+class JudgmentCache:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, timeout=60.0, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # with WAL: safe against a killed process
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS judgments ("
+            " key TEXT PRIMARY KEY, kind TEXT NOT NULL, judge TEXT NOT NULL, value TEXT NOT NULL, created REAL NOT NULL)"
+        )
+        self._db.commit()
+        self.hits = 0
+        self.misses = 0
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = {}
+        unique = list(dict.fromkeys(keys))
+        for start in range(0, len(unique), 500):  # stay under SQLite's variable limit
+            chunk = unique[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for key, value in self._db.execute(
+                f"SELECT key, value FROM judgments WHERE key IN ({marks})", chunk
+            ):
+                found[key] = json.loads(value)
+        return found
+
+    def put_many(self, rows: Mapping[str, dict[str, Any]], kind: str, judge: str) -> None:
+        now = time.time()
+        self._db.executemany(
+            "INSERT OR REPLACE INTO judgments (key, kind, judge, value, created) VALUES (?, ?, ?, ?, ?)",
+            [(key, kind, judge, json.dumps(value), now) for key, value in rows.items()],
+        )
+        self._db.commit()
+
+    def __len__(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM judgments").fetchone()[0]
+
+    def close(self) -> None:
+        self._db.close()

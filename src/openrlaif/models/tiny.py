@@ -1,0 +1,121 @@
+"""Tiny causal LMs built locally from configs: no model hub needed.
+
+Tests, benchmarks and the quickstart need real `transformers` models and tokenizers on a machine
+that cannot download any. This module trains a small tokenizer on the shipped HH-RLHF dialogues
+and builds a randomly initialised model of a real architecture around it:
+
+- `gpt2`: byte-level BPE (digits merge with a leading space, as in GPT-2: " 1").
+- `llama`: SentencePiece-style metaspace BPE with digits split one by one (as in Llama), and a
+  chat template, so chat-template code paths get exercised.
+
+Everything is saved with `save_pretrained`, so it loads like any Hugging Face model folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Literal
+
+Arch = Literal["gpt2", "llama"]
+
+LLAMA_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def hh_corpus(limit: int | None = None) -> list[str]:
+    """Prompts and replies of the shipped HH-RLHF pairs, as tokenizer training text."""
+    from openrlaif.data.datasets import load_pairs
+
+    texts: list[str] = []
+    for pair in load_pairs("hh-harmless").records[:limit]:
+        texts += [pair.prompt, pair.response_a, pair.response_b]
+    return texts
+
+
+def train_tokenizer(texts: Iterable[str], arch: Arch, vocab_size: int = 1024):  # -> PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if arch == "gpt2":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        special = ["<|endoftext|>"]
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=special,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
+        tok.train_from_iterator(texts, trainer)
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+            unk_token="<|endoftext|>", pad_token="<|endoftext|>",
+        )  # fmt: skip
+    if arch == "llama":
+        tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=False))
+        tok.normalizer = normalizers.NFKC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first"),
+                pre_tokenizers.Digits(individual_digits=True),
+            ]
+        )
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+        special = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
+        alphabet = list("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.,!?'\"-:;()=\n▁")
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=special, initial_alphabet=alphabet
+        )
+        tok.train_from_iterator(texts, trainer)
+        from tokenizers import processors
+
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+        )
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>",
+        )  # fmt: skip
+        fast.chat_template = LLAMA_CHAT_TEMPLATE
+        return fast
+    raise ValueError(f"unknown architecture {arch!r}")
+
+
+def build_tiny_causal_lm(
+    out_dir: str | Path,
+    arch: Arch = "gpt2",
+    vocab_size: int = 1024,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    max_positions: int = 2048,
+    seed: int = 0,
+    texts: list[str] | None = None,
+) -> Path:
+    """Train a tokenizer, build a random-weight model of `arch`, save both to `out_dir`."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir)
+    tokenizer = train_tokenizer(texts if texts is not None else hh_corpus(), arch, vocab_size)
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        config = GPT2Config(
+            vocab_size=len(tokenizer), n_positions=max_positions, n_embd=hidden_size, n_layer=num_layers,
+            n_head=num_heads, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        )  # fmt: skip
+        model = GPT2LMHeadModel(config)
+    else:
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+            num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=max(1, num_heads // 2),
+            max_position_embeddings=max_positions, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+        )  # fmt: skip
+        model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
