@@ -36,8 +36,7 @@ class RowError(ValueError):
 def _open_lines(path: Path) -> Iterator[tuple[int, bytes]]:
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "rb") as fh:
-        for number, raw in enumerate(fh, start=1):
-            yield number, raw
+        yield from enumerate(fh, start=1)
 
 
 def iter_rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | InputError]]:
@@ -83,8 +82,7 @@ def _iter_parquet(path: Path) -> Iterator[tuple[int, dict[str, Any] | InputError
         table = pq.read_table(path)
     except Exception as e:  # pyarrow raises many types for a broken file
         raise InputError(str(path), 0, f"cannot read Parquet file ({e})") from None
-    for number, row in enumerate(table.to_pylist(), start=1):
-        yield number, row
+    yield from enumerate(table.to_pylist(), start=1)
 
 
 def read_records(
@@ -246,7 +244,7 @@ class JsonlAppender:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.done_ids = self._recover()
-        self._fh = open(self.path, "a", encoding="utf-8")
+        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()/__exit__
 
     def _recover(self) -> set[str]:
         if not self.path.exists():

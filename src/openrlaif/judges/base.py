@@ -193,5 +193,5 @@ class Judge(ABC):
         """d-RLAIF: a direct score of one response in [-1, 1]."""
         return self.scores([(prompt, response)])[0].score
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, most judges hold nothing
         """Release what the judge holds (HTTP connections, model memory)."""
