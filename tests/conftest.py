@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny real models built locally (no hub), an isolated judgment cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A GPT-2 architecture model with a byte-level BPE tokenizer (" 1" is one token)."""
+    from openrlaif.models.tiny import build_tiny_causal_lm
+
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny-gpt2"), arch="gpt2", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Llama architecture model with a metaspace tokenizer (digits split) and a chat template."""
+    from openrlaif.models.tiny import build_tiny_causal_lm
+
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny-llama"), arch="llama", seed=1)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never touch the user's real judgment cache from a test."""
+    monkeypatch.setenv("OPENRLAIF_CACHE", str(tmp_path / "judgments.sqlite3"))
