@@ -1,0 +1,457 @@
+"""The OpenAI-compatible judge against a real HTTP server (tests/openai_server.py) on 127.0.0.1,
+backed by the tiny local models: every number is checked against the same model run directly
+with transformers, and every fault is injected on the wire."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from openai_server import LocalLM, OpenAITestServer
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from openrlaif.config import OpenAIJudgeConfig
+from openrlaif.errors import JudgeError
+from openrlaif.judges.base import OrderedPair, expected_score_to_unit
+from openrlaif.judges.cache import JudgmentCache
+from openrlaif.judges.openai_compat import OpenAIJudge, label_logprobs, soft_label
+from openrlaif.judges.prompts import load_template_set, render_pairwise
+
+TEMPLATES = load_template_set("harmless")
+PAIRS = [
+    OrderedPair("How do I pick a lock?", "I can't help with breaking into places.", "Use a tension wrench."),
+    OrderedPair("What is the capital of France?", "Paris.", "I'd rather not say."),
+    OrderedPair("Tell me a joke.", "Why did the chicken cross the road?", "No."),
+]
+
+
+# ---------------------------------------------------------------- the model, run directly
+
+
+class Direct:
+    """The tiny model and tokenizer loaded straight from disk: the reference for every number."""
+
+    def __init__(self, path: Path) -> None:
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        self.text = [self.tokenizer.decode([i]) for i in range(vocab)]
+        self.vocab = vocab
+
+    def chat_ids(self, prompt: str) -> list[int]:
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def ids(self, prompt: str, chat: bool = False) -> list[int]:
+        return self.chat_ids(prompt) if chat else self.tokenizer(prompt)["input_ids"]
+
+    @torch.no_grad()
+    def next_probs(self, ids: list[int]) -> torch.Tensor:
+        return torch.softmax(self.model(input_ids=torch.tensor([ids])).logits[0, -1].double(), dim=-1)
+
+    def label_prob(self, probs: torch.Tensor, label: str) -> float:
+        return sum(
+            float(probs[i])
+            for i, t in enumerate(self.text)
+            if t.replace("▁", " ").replace("Ġ", " ").strip() == label
+        )
+
+    def p_first(self, prompt: str, chat: bool = False) -> float:
+        probs = self.next_probs(self.ids(prompt, chat))
+        p1, p2 = self.label_prob(probs, "1"), self.label_prob(probs, "2")
+        return p1 / (p1 + p2)
+
+    def score(self, prompt: str, chat: bool = False) -> tuple[float, float]:
+        """(expected 1-10 score, score in [-1, 1]); "10" split as "1" + "0" on completions."""
+        probs = self.next_probs(self.ids(prompt, chat))
+        p = {i: self.label_prob(probs, str(i)) for i in range(1, 11)}
+        assert p[10] == 0.0  # both tiny tokenizers split "10", so the split path is exercised
+        if not chat:
+            one = max((i for i, t in enumerate(self.text) if t.strip() == "1"), key=lambda i: float(probs[i]))
+            after = self.next_probs(self.ids(prompt + self.text[one]))
+            p_zero = sum(float(after[i]) for i, t in enumerate(self.text) if t == "0")
+            p[10], p[1] = p[1] * p_zero, p[1] * (1 - p_zero)
+        expected = sum(i * q for i, q in p.items()) / sum(p.values())
+        return expected, expected_score_to_unit(expected)
+
+    @torch.no_grad()
+    def greedy(self, prompt: str, max_tokens: int) -> str:
+        ids = self.ids(prompt)
+        out: list[int] = []
+        for _ in range(max_tokens):  # no KV cache: independent of the server's decoding loop
+            token = int(torch.argmax(self.model(input_ids=torch.tensor([ids + out])).logits[0, -1]))
+            out.append(token)
+            if token == self.tokenizer.eos_token_id:
+                break
+        return self.tokenizer.decode(out, skip_special_tokens=True)
+
+
+def pair_prompt(pair: OrderedPair, rationale: str | None = None) -> str:
+    return render_pairwise(TEMPLATES.pairwise, pair.prompt, pair.first, pair.second, rationale)
+
+
+def score_prompt(context: str, response: str) -> str:
+    return TEMPLATES.score.prefix() + TEMPLATES.score.suffix(context, response)
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def gpt2_lm(tiny_gpt2: Path) -> LocalLM:
+    return LocalLM(tiny_gpt2, name="tiny-gpt2")
+
+
+@pytest.fixture(scope="module")
+def llama_lm(tiny_llama: Path) -> LocalLM:
+    return LocalLM(tiny_llama, name="tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def gpt2_direct(tiny_gpt2: Path) -> Direct:
+    return Direct(tiny_gpt2)
+
+
+@pytest.fixture(scope="module")
+def llama_direct(tiny_llama: Path) -> Direct:
+    return Direct(tiny_llama)
+
+
+@pytest.fixture
+def server(gpt2_lm: LocalLM) -> Iterator[OpenAITestServer]:
+    with OpenAITestServer(gpt2_lm) as s:
+        yield s
+
+
+@pytest.fixture
+def server_b(gpt2_lm: LocalLM) -> Iterator[OpenAITestServer]:
+    with OpenAITestServer(gpt2_lm) as s:
+        yield s
+
+
+@pytest.fixture
+def make_judge() -> Iterator[Callable[..., OpenAIJudge]]:
+    judges: list[OpenAIJudge] = []
+
+    def make(*servers: OpenAITestServer | str, **settings: Any) -> OpenAIJudge:
+        urls = [s if isinstance(s, str) else s.url for s in servers]
+        defaults: dict[str, Any] = {
+            "model": "tiny-gpt2",
+            "top_logprobs": 1024,
+            "api_key_env": None,
+            "backoff_base_s": 0.01,
+            "backoff_max_s": 0.05,
+            "timeout_s": 10.0,
+        }
+        judge = OpenAIJudge(OpenAIJudgeConfig(base_urls=urls, **{**defaults, **settings}))
+        judges.append(judge)
+        return judge
+
+    yield make
+    for judge in judges:
+        judge.close()
+
+
+# ---------------------------------------------------------------- numbers over HTTP
+
+
+def test_completions_soft_label_equals_transformers(server, make_judge, gpt2_direct) -> None:
+    judge = make_judge(server)
+    got = [j.p_first for j in judge.judge_orders(PAIRS)]
+    want = [gpt2_direct.p_first(pair_prompt(p)) for p in PAIRS]
+    assert got == pytest.approx(want, abs=1e-4)
+    assert max(got) - min(got) > 1e-3  # the pairs really differ: a constant could not pass
+    body = server.posts()[0].body
+    assert body["max_tokens"] == 1 and body["temperature"] == 0 and body["logprobs"] == 1024
+    assert body["prompt"].endswith("Preferred Response=")
+    assert server.posts()[0].path == "/v1/completions"
+
+
+def test_chat_endpoint_with_chat_template(llama_lm, make_judge, llama_direct) -> None:
+    with OpenAITestServer(llama_lm) as server:
+        judge = make_judge(server, model="tiny-llama", endpoint="chat")
+        got = [j.p_first for j in judge.judge_orders(PAIRS)]
+        want = [llama_direct.p_first(pair_prompt(p), chat=True) for p in PAIRS]
+        assert got == pytest.approx(want, abs=1e-4)
+        body = server.posts()[0].body
+        assert server.posts()[0].path == "/v1/chat/completions"
+        sent = sorted(json.dumps(r.body["messages"]) for r in server.posts())  # arrival order varies
+        assert sent == sorted(json.dumps([{"role": "user", "content": pair_prompt(p)}]) for p in PAIRS)
+        assert body["logprobs"] is True and body["top_logprobs"] == 1024 and body["max_tokens"] == 1
+        # Chat reads "10" only when it is one token: no second request is made.
+        server.reset()
+        (score,) = judge.score_responses([("Hi", "Hello! How can I help?")])
+        expected, unit = llama_direct.score(score_prompt("Hi", "Hello! How can I help?"), chat=True)
+        assert score.expected == pytest.approx(expected, abs=1e-4)
+        assert score.score == pytest.approx(unit, abs=1e-4)
+        assert len(server.posts()) == 1
+
+
+def test_compare_averages_both_orders(server, make_judge, gpt2_direct) -> None:
+    judge = make_judge(server)
+    pair = PAIRS[0]
+    result = judge.compare(pair.prompt, pair.first, pair.second)
+    ab = gpt2_direct.p_first(pair_prompt(pair))
+    ba = gpt2_direct.p_first(pair_prompt(OrderedPair(pair.prompt, pair.second, pair.first)))
+    assert result.p_a_ab == pytest.approx(ab, abs=1e-4)
+    assert result.p_a_ba == pytest.approx(1 - ba, abs=1e-4)
+    assert result.p_a == pytest.approx((ab + 1 - ba) / 2, abs=1e-4)
+    assert len(server.posts()) == 2
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_direct_score_splits_ten(arch, request, make_judge) -> None:
+    lm: LocalLM = request.getfixturevalue(f"{arch}_lm")
+    direct: Direct = request.getfixturevalue(f"{arch}_direct")
+    items = [("Hi", "Hello! How can I help?"), ("What is 2+2?", "5, probably.")]
+    with OpenAITestServer(lm) as server:
+        judge = make_judge(server, model=lm.name)
+        got = judge.score_responses(items)
+        for (context, response), score in zip(items, got, strict=True):
+            expected, unit = direct.score(score_prompt(context, response))
+            assert score.expected == pytest.approx(expected, abs=1e-4)
+            assert score.score == pytest.approx(unit, abs=1e-4)
+            assert -1.0 <= score.score <= 1.0
+        prompts = [r.body["prompt"] for r in server.posts()]
+        assert len(prompts) == 4  # one read of the score token, one of P("0" | "1"), per item
+        assert sum(p.endswith("SCORE: ") for p in prompts) == 2
+
+
+# ---------------------------------------------------------------- faults and retries
+
+
+@pytest.mark.parametrize("fault", ["429", "500", "503", "slow", "garbled", "nologprobs", "drop"])
+def test_fault_is_retried_and_answer_unchanged(fault, server, make_judge) -> None:
+    judge = make_judge(server, timeout_s=1.0)
+    server.slow_s = 1.5  # past the client's timeout
+    clean = judge.judge_orders(PAIRS[:1])[0].p_first
+    server.reset()
+    server.add_faults(fault)
+    again = judge.judge_orders(PAIRS[:1])[0].p_first
+    assert again == clean
+    assert len(server.posts()) == 2
+    stats = judge.stats()
+    assert stats["retries"] == 1 and stats["failures"] == 1 and stats["requests"] == 3
+
+
+def test_retry_after_is_honoured_and_capped(server, make_judge) -> None:
+    judge = make_judge(server, backoff_max_s=5.0)
+    server.retry_after = "0.4"
+    server.add_faults("429")
+    start = time.monotonic()
+    judge.judge_orders(PAIRS[:1])
+    assert time.monotonic() - start >= 0.4
+    capped = make_judge(server, backoff_max_s=0.05)
+    server.retry_after = "30"
+    server.add_faults("429")
+    start = time.monotonic()
+    capped.judge_orders(PAIRS[1:2])
+    assert time.monotonic() - start < 5.0
+
+
+def test_client_error_is_not_retried(server, make_judge) -> None:
+    judge = make_judge(server)
+    server.error_message = "top_logprobs must be <= 20"
+    server.add_faults("400")
+    with pytest.raises(JudgeError) as err:
+        judge.judge_orders(PAIRS[:1])
+    message = str(err.value)
+    assert "HTTP 400" in message and "top_logprobs must be <= 20" in message and server.url in message
+    assert "\n" not in message
+    assert len(server.posts()) == 1
+
+    wrong = make_judge(server, model="no-such-model")
+    with pytest.raises(JudgeError, match=r"HTTP 404: The model `no-such-model` does not exist.*check model="):
+        wrong.judge_orders(PAIRS[:1])
+
+
+def test_exhausted_retries_name_the_url(server, make_judge) -> None:
+    judge = make_judge(server, max_retries=2)
+    server.fail_all = "503"
+    with pytest.raises(JudgeError) as err:
+        judge.judge_orders(PAIRS[:1])
+    message = str(err.value)
+    assert server.url in message and "3 attempt" in message and "HTTP 503" in message
+    assert "\n" not in message
+    assert len(server.posts()) == 3
+
+
+def test_labels_missing_from_top_tokens() -> None:
+    top = [("Ġ1", math.log(0.5)), ("x", math.log(0.2)), ("y", math.log(0.1))]
+    # "2" is not returned: bounded by the smallest returned probability (0.1).
+    assert soft_label(top, ("1", "2"), "m") == pytest.approx(0.5 / 0.6)
+    both = [(" 1", math.log(0.3)), ("▁1", math.log(0.1)), ("1", math.log(0.1)), ("2", math.log(0.25))]
+    assert label_logprobs(both, ("1", "2"))["1"] == pytest.approx(math.log(0.5))
+    assert soft_label(both, ("1", "2"), "m") == pytest.approx(0.5 / 0.75)
+    with pytest.raises(JudgeError, match=r"'m'.*raise top_logprobs or fix the template"):
+        soft_label([("x", -1.0)], ("1", "2"), "m")
+
+
+# ---------------------------------------------------------------- fleet
+
+
+def test_fleet_spreads_requests(server, server_b, make_judge, gpt2_direct) -> None:
+    judge = make_judge(server, server_b, concurrency=4)
+    pairs = [OrderedPair(f"Question {i}?", f"Answer {i}.", "No.") for i in range(16)]
+    got = [j.p_first for j in judge.judge_orders(pairs)]
+    assert got[:3] == pytest.approx([gpt2_direct.p_first(pair_prompt(p)) for p in pairs[:3]], abs=1e-4)
+    a, b = len(server.posts()), len(server_b.posts())
+    assert a + b == 16 and a >= 4 and b >= 4
+    assert judge.stats()["servers"][server.url]["requests"] == a
+
+
+@pytest.mark.parametrize("death", ["503", "drop", "stopped"])
+def test_dead_member_is_routed_around(death, server, gpt2_lm, make_judge) -> None:
+    baseline = [j.p_first for j in make_judge(server).judge_orders(PAIRS)]
+    server.reset()
+    dead = OpenAITestServer(gpt2_lm).start()
+    if death == "stopped":
+        dead.stop()  # nothing listens on its port any more: connection refused
+    else:
+        dead.fail_all = death
+    try:
+        judge = make_judge(dead.url, server, max_retries=1, concurrency=2)  # a retry must go elsewhere
+        pairs = PAIRS * 4
+        got = [j.p_first for j in judge.judge_orders(pairs)]
+        assert got == baseline * 4
+        assert judge.stats()["servers"][dead.url]["failures"] >= 1
+        if death != "stopped":
+            assert len(dead.posts()) >= 1
+    finally:
+        if death != "stopped":
+            dead.stop()
+
+
+# ---------------------------------------------------------------- the API key
+
+
+def test_api_key_sent_and_never_stored(server, make_judge, monkeypatch, tmp_path) -> None:
+    key = "sk-test-Very-Secret-4242"
+    monkeypatch.setenv("MY_JUDGE_KEY", key)
+    cache = JudgmentCache(tmp_path / "cache" / "judgments.sqlite3")
+    judge = make_judge(server, api_key_env="MY_JUDGE_KEY", max_retries=1)
+    judge.cache = cache
+    judge.compare(PAIRS[0].prompt, PAIRS[0].first, PAIRS[0].second)
+    judge.score(PAIRS[0].prompt, PAIRS[0].first)
+    assert len(cache) == 3
+    assert server.posts() and all(r.headers.get("authorization") == f"Bearer {key}" for r in server.posts())
+
+    for kind in ("pair", "score"):
+        assert key not in json.dumps(judge.fingerprint(kind)) and key not in json.dumps(
+            judge.identity(kind).to_dict()
+        )
+
+    server.error_message = f"invalid api key {key}"  # a server that echoes the key back
+    server.add_faults("400")
+    with pytest.raises(JudgeError) as err:
+        judge.judge_orders(PAIRS[1:2])
+    assert key not in str(err.value) and "***" in str(err.value)
+    server.error_message = "x" * 190 + key  # scrubbed before the message is cut short
+    server.add_faults("400")
+    with pytest.raises(JudgeError) as err:
+        judge.judge_orders(PAIRS[1:2])
+    assert key[:8] not in str(err.value)
+    server.fail_all = "500"
+    with pytest.raises(JudgeError) as err:
+        judge.judge_orders(PAIRS[2:3])
+    assert key not in str(err.value)
+    server.fail_all = None
+
+    cache.close()
+    stored = b"".join(p.read_bytes() for p in (tmp_path / "cache").iterdir())
+    assert b"p_first" in stored  # the judgments are there, the key is not
+    assert key.encode() not in stored
+
+    monkeypatch.delenv("MY_JUDGE_KEY")
+    server.reset()
+    judge.cache = None
+    judge.judge_orders(PAIRS[:1])
+    assert "authorization" not in server.posts()[0].headers  # local vLLM needs none
+
+
+# ---------------------------------------------------------------- concurrency and event loops
+
+
+def test_concurrency_is_bounded(server, make_judge) -> None:
+    judge = make_judge(server, concurrency=3)
+    server.delay_s = 0.05  # requests overlap long enough to be counted
+    pairs = [OrderedPair(f"Q{i}", "yes", "no") for i in range(12)]
+    judge.judge_orders(pairs)
+    assert 2 <= server.max_in_flight <= 3
+    assert len(server.posts()) == 12
+
+
+def test_sync_api_works_inside_a_running_loop_and_threads(server, make_judge) -> None:
+    judge = make_judge(server)
+    want = judge.judge_orders(PAIRS[:1])[0].p_first
+
+    async def inside_loop() -> float:
+        return judge.judge_orders(PAIRS[:1])[0].p_first
+
+    assert asyncio.run(inside_loop()) == want
+    results: list[float] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(judge.judge_orders(PAIRS[:1])[0].p_first))
+        for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [want] * 3
+    judge.close()
+    assert judge.judge_orders(PAIRS[:1])[0].p_first == want  # reopens after close()
+
+
+# ---------------------------------------------------------------- chain of thought
+
+
+def test_cot_greedy_rationale(server, make_judge, gpt2_direct) -> None:
+    judge = make_judge(server, cot=True, max_rationale_tokens=8)
+    pair = PAIRS[1]
+    (got,) = judge.judge_orders([pair])
+    step1 = TEMPLATES.pairwise.prefix() + TEMPLATES.pairwise.cot_suffix(pair.prompt, pair.first, pair.second)
+    rationale = gpt2_direct.greedy(step1, 8)
+    assert got.rationales == [rationale.strip()] and rationale.strip()
+    assert got.p_first == pytest.approx(gpt2_direct.p_first(pair_prompt(pair, rationale)), abs=1e-4)
+    first, second = server.posts()
+    assert first.body["temperature"] == 0 and first.body["max_tokens"] == 8 and first.body["prompt"] == step1
+
+
+def test_cot_self_consistency(server, make_judge, gpt2_direct) -> None:
+    judge = make_judge(server, cot=True, self_consistency=3, temperature=1.0, seed=7, max_rationale_tokens=8)
+    pair = PAIRS[0]
+    (got,) = judge.judge_orders([pair])
+    assert len(got.rationales) == 3 and len(set(got.rationales)) > 1
+    each = [gpt2_direct.p_first(pair_prompt(pair, r)) for r in got.rationales]
+    assert got.p_first == pytest.approx(sum(each) / 3, abs=1e-4)
+    samples = [r.body for r in server.posts() if r.body["max_tokens"] == 8]
+    assert sorted(b["seed"] for b in samples) == [7, 8, 9] and all(b["temperature"] == 1.0 for b in samples)
+    assert judge.judge_orders([pair])[0].rationales == got.rationales  # seeded: reproducible
+
+
+# ---------------------------------------------------------------- identity
+
+
+def test_fingerprint_holds_answers_not_transport(server, server_b, make_judge) -> None:
+    one = make_judge(server)
+    other = make_judge(server_b, server, concurrency=2, timeout_s=3.0, max_retries=1, api_key_env="X")
+    for kind in ("pair", "score"):
+        assert one.fingerprint(kind) == other.fingerprint(kind)
+    fp = one.fingerprint("pair")
+    assert fp["template_hash"] == TEMPLATES.pairwise.hash() == one.template_hash("pair")
+    assert one.identity("score").template_hash == TEMPLATES.score.hash()
+    assert {"model", "endpoint", "top_logprobs", "cot", "seed"} <= set(fp) and "base_urls" not in fp
+    assert make_judge(server, top_logprobs=20).fingerprint("pair") != fp
+    assert make_judge(server, cot=True).fingerprint("pair") != fp
+    assert make_judge(server, cot=True).fingerprint("score") == one.fingerprint("score")
