@@ -455,3 +455,38 @@ def test_fingerprint_holds_answers_not_transport(server, server_b, make_judge) -
     assert make_judge(server, top_logprobs=20).fingerprint("pair") != fp
     assert make_judge(server, cot=True).fingerprint("pair") != fp
     assert make_judge(server, cot=True).fingerprint("score") == one.fingerprint("score")
+
+
+# ---------------------------------------------------------------- through the command line
+
+
+def test_label_command_with_an_http_judge_fleet(server, server_b, tmp_path: Path, capsys) -> None:
+    """`openrlaif label --judge fleet.yaml`: a YAML judge pointing at two servers, one of which
+    answers its first requests with faults; every pair is labeled, the counters are reported."""
+    import json
+
+    from openrlaif.cli import main
+
+    judge_file = tmp_path / "fleet.yaml"
+    judge_file.write_text(
+        f"backend: openai\nmodel: tiny-gpt2\nbase_urls: ['{server.url}', '{server_b.url}']\n"
+        "api_key_env: null\ntop_logprobs: 1024\nbackoff_base_s: 0.01\nbackoff_max_s: 0.05\ntimeout_s: 10\n"
+    )
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        "".join(
+            json.dumps({"prompt": p.prompt, "response_a": p.first, "response_b": p.second}) + "\n"
+            for p in PAIRS
+        )
+    )
+    server.faults.extend(["500", "garbled", "429"])
+    out = tmp_path / "labeled.jsonl"
+    assert (
+        main(["label", "--pairs", str(pairs), "--judge", str(judge_file), "--out", str(out), "--quiet"]) == 0
+    )
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == len(PAIRS)
+    assert all(0.0 < r["p_a"] < 1.0 and r["judge"]["backend"] == "openai" for r in rows)
+    printed = capsys.readouterr().out
+    assert f"{server.url}: " in printed and f"{server_b.url}: " in printed
+    assert sum(int(n) for n in __import__("re").findall(r"(\d+) retries", printed)) == 3

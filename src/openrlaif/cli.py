@@ -113,6 +113,16 @@ def _print_job(result: Any, what: str) -> None:
     )
 
 
+def _print_server_stats(judge: Any) -> None:
+    """Request counters of HTTP judges (an ensemble's members included)."""
+    for member in [judge, *getattr(judge, "members", [])]:
+        if hasattr(member, "stats"):
+            for url, st in member.stats()["servers"].items():
+                print(
+                    f"  {url}: {st['requests']} requests, {st['retries']} retries, {st['failures']} failures"
+                )
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
@@ -184,6 +194,7 @@ def cmd_label(args: argparse.Namespace) -> int:
     finally:
         judge.close()
     _print_job(result, "labeled")
+    _print_server_stats(judge)
     return 0
 
 
@@ -243,6 +254,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     finally:
         judge.close()
     _print_job(result, "scored")
+    _print_server_stats(judge)
     return 0
 
 
