@@ -57,19 +57,31 @@ def run_baseline(n_pairs: int) -> tuple[float, list[float]]:
     labels = []
     with torch.inference_mode():
         for p in pairs:
-            p_ab = 1 / (1 + math.exp(-(s(p.prompt, p.response_a) - s(p.prompt, p.response_b)) / cfg.temperature))
-            p_ba = 1 / (1 + math.exp(-(s(p.prompt, p.response_b) - s(p.prompt, p.response_a)) / cfg.temperature))
+            p_ab = 1 / (
+                1 + math.exp(-(s(p.prompt, p.response_a) - s(p.prompt, p.response_b)) / cfg.temperature)
+            )
+            p_ba = 1 / (
+                1 + math.exp(-(s(p.prompt, p.response_b) - s(p.prompt, p.response_a)) / cfg.temperature)
+            )
             labels.append((p_ab + 1 - p_ba) / 2)
     return time.perf_counter() - start, labels
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--baseline-pairs", type=int, default=300, help="pairs the baseline runs on (its time is scaled to all)")
+    parser.add_argument(
+        "--baseline-pairs",
+        type=int,
+        default=300,
+        help="pairs the baseline runs on (its time is scaled to all)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         ours_s, metrics = run_ours(Path(tmp))
-        ours_labels = {json.loads(line)["id"]: json.loads(line)["p_a"] for line in Path(metrics["labels"]).read_text().splitlines()}
+        ours_labels = {
+            json.loads(line)["id"]: json.loads(line)["p_a"]
+            for line in Path(metrics["labels"]).read_text().splitlines()
+        }
     n = metrics["pairs"]
     base_s, base_labels = run_baseline(args.baseline_pairs)
     base_full = base_s * n / args.baseline_pairs
@@ -78,12 +90,16 @@ def main() -> None:
     ids = [p.id for p in load_pairs("hh-harmless", limit=args.baseline_pairs).records]
     diff = max(abs(ours_labels[i] - b) for i, b in zip(ids, base_labels, strict=True))
     print(f"pairs: {n}; threads: {os.cpu_count()} cores")
-    print(f"openrlaif align (cold cache, process start and model load included): {ours_s:.1f} s  ({n / ours_s:.1f} pairs/s)")
+    print(
+        f"openrlaif align (cold cache, process start and model load included): {ours_s:.1f} s  ({n / ours_s:.1f} pairs/s)"
+    )
     print(f"straightforward sentence-transformers, fp32, per pair and order: {base_s:.1f} s on {args.baseline_pairs} pairs"
           f" -> {base_full:.1f} s scaled to {n}  ({args.baseline_pairs / base_s:.1f} pairs/s)")  # fmt: skip
     print(f"speed ratio (openrlaif / straightforward): {base_full / ours_s:.2f}x")
     print(f"max |soft label difference| on the shared pairs: {diff:.4f} (bf16 vs fp32)")
-    print(f"alignment with human labels: {100 * metrics['alignment']:.1f}%  CI95 {np.round(np.array(metrics['alignment_ci95']) * 100, 1).tolist()}")
+    print(
+        f"alignment with human labels: {100 * metrics['alignment']:.1f}%  CI95 {np.round(np.array(metrics['alignment_ci95']) * 100, 1).tolist()}"
+    )
     print(f"target: under 60 s -> {'met' if ours_s < 60 else 'NOT met'}")
 
 
