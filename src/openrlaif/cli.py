@@ -286,8 +286,25 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     print("pairs in both orders and is measured against the human labels.")
     metrics = run_align("hh-harmless", DEFAULT_JUDGE, out_dir / "align.json", limit=args.limit)
     print_alignment_table(metrics, f"AI labeler alignment: {DEFAULT_JUDGE} on hh-harmless")
+    held_out = _held_out_alignment(metrics["labels"])
+    if held_out is not None:
+        print(
+            f"The default judge's rubric was picked on source lines 1-{TUNING_LINES}; on the {held_out['pairs']} pairs "
+            f"after them its alignment is {_pct(held_out['alignment'])}. It is a weak, order-blind embedding scorer, "
+            "not an LLM: run `openrlaif align --judge <an hf or openai judge>` for real labels."
+        )
     print(f"metrics -> {out_dir / 'align.json'}; labels -> {metrics['labels']}")
     return 0
+
+
+TUNING_LINES = 600  # the default judge's rubric was chosen on these hh-harmless source lines
+
+
+def _held_out_alignment(labels_path: str) -> dict[str, Any] | None:
+    from openrlaif.labeling import alignment_metrics, load_labeled
+
+    held_out = [x for x in load_labeled(labels_path) if int(x.id.rsplit("-", 1)[-1]) > TUNING_LINES]
+    return alignment_metrics(held_out) if held_out else None
 
 
 COMMANDS = {
