@@ -180,22 +180,27 @@ def print_alignment_table(metrics: dict[str, Any], title: str) -> None:
 # ---------------------------------------------------------------- commands
 
 
+def _judge_file(args: argparse.Namespace, records_path: str, read: Any, job: Any, what: str) -> int:
+    """label/score: read the input, run the resumable job with the judge, report."""
+    result_read = read(records_path, skip_invalid=args.skip_invalid)
+    _report_skipped(result_read.skipped)
+    judge = _open_judge(args)
+    try:
+        result = job(
+            result_read.records, judge, args.out, chunk_size=args.chunk_size, show_progress=not args.quiet
+        )
+    finally:
+        judge.close()
+    _print_job(result, what)
+    _print_server_stats(judge)
+    return 0
+
+
 def cmd_label(args: argparse.Namespace) -> int:
     from openrlaif.data.io import read_pairs
     from openrlaif.labeling import label_pairs
 
-    read = read_pairs(args.pairs, skip_invalid=args.skip_invalid)
-    _report_skipped(read.skipped)
-    judge = _open_judge(args)
-    try:
-        result = label_pairs(
-            read.records, judge, args.out, chunk_size=args.chunk_size, show_progress=not args.quiet
-        )
-    finally:
-        judge.close()
-    _print_job(result, "labeled")
-    _print_server_stats(judge)
-    return 0
+    return _judge_file(args, args.pairs, read_pairs, label_pairs, "labeled")
 
 
 def run_align(
@@ -244,18 +249,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from openrlaif.data.io import read_responses
     from openrlaif.labeling import score_responses
 
-    read = read_responses(args.responses, skip_invalid=args.skip_invalid)
-    _report_skipped(read.skipped)
-    judge = _open_judge(args)
-    try:
-        result = score_responses(
-            read.records, judge, args.out, chunk_size=args.chunk_size, show_progress=not args.quiet
-        )
-    finally:
-        judge.close()
-    _print_job(result, "scored")
-    _print_server_stats(judge)
-    return 0
+    return _judge_file(args, args.responses, read_responses, score_responses, "scored")
 
 
 def cmd_judges(args: argparse.Namespace) -> int:
