@@ -155,3 +155,39 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["judges"]) == 0
     listing = capsys.readouterr().out
     assert "embedding-harmless" in listing and "harmless, helpful, summarize" in listing
+
+
+def test_align_with_a_local_causal_lm_judge(tiny_llama: Path, tmp_path: Path) -> None:
+    """The `hf` backend through the CLI: a random tiny Llama is position-biased and near chance,
+    and the report says so with numbers taken from both orders."""
+    judge = tmp_path / "tiny.yaml"
+    judge.write_text(
+        f"backend: hf\nmodel: {tiny_llama}\ntemplate: harmless\nbatch_size: 4\nmax_length: 512\n"
+    )
+    out = tmp_path / "align.json"
+    assert (
+        main(
+            [
+                "align",
+                "--dataset",
+                "hh-harmless",
+                "--limit",
+                "8",
+                "--judge",
+                str(judge),
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    m = json.loads(out.read_text())
+    labels = [json.loads(line) for line in Path(m["labels"]).read_text().splitlines()]
+    assert len(labels) == 8 and m["judge_identity"]["backend"] == "hf"
+    for row in labels:
+        assert row["p_a"] == pytest.approx((row["p_a_ab"] + row["p_a_ba"]) / 2)
+        assert row["judge"]["model"] == str(tiny_llama)
+    same = sum((r["p_a_ab"] > 0.5) == (r["p_a_ba"] < 0.5) for r in labels) / 8
+    assert m["same_position_preferred"] == pytest.approx(same)
+    assert m["job"]["cache_misses"] == 16
