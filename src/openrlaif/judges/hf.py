@@ -81,6 +81,32 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def load_causal_lm(
+    name: str, device: torch.device, dtype: torch.dtype, revision: str | None = None,
+    trust_remote_code: bool = False, what: str = "model", setting: str = "model",
+) -> tuple[Any, Any]:  # fmt: skip
+    """(tokenizer, model) in eval mode on `device`; a model that cannot be loaded is a one-line
+    ConfigError naming the setting (`what` and `setting` say whose and which). Shared with
+    `openrlaif generate`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    common: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, **common)
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype, device_map=str(device) if device.type == "cuda" else None, **common
+        )
+    except (OSError, ValueError, KeyError, ImportError, RuntimeError) as e:
+        raise ConfigError(
+            f"{what}: cannot load model {name!r} ({_first_line(e)}); "
+            f"set `{setting}:` to a local model folder or a Hugging Face model id"
+        ) from None
+    if model.device != device:
+        model.to(device)
+    model.eval()
+    return tokenizer, model
+
+
 def local_weights_stamp(model: str) -> str | None:
     """A hash of the names, sizes and mtimes of a local model folder's files (None for hub ids):
     retraining a model in place must not reuse the old model's cached judgments."""
@@ -152,27 +178,10 @@ class HFJudge(Judge):
     # ------------------------------------------------------------ loading
 
     def _load(self) -> tuple[Any, Any]:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         cfg = self.config
-        common: dict[str, Any] = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(cfg.model, **common)
-            model = AutoModelForCausalLM.from_pretrained(
-                cfg.model,
-                dtype=self.dtype,
-                device_map=str(self.device) if self.device.type == "cuda" else None,
-                **common,
-            )
-        except (OSError, ValueError, KeyError, ImportError, RuntimeError) as e:
-            raise ConfigError(
-                f"hf judge: cannot load model {cfg.model!r} ({_first_line(e)}); "
-                "set `model:` to a local model folder or a Hugging Face model id"
-            ) from None
-        if model.device != self.device:
-            model.to(self.device)
-        model.eval()
-        return tokenizer, model
+        return load_causal_lm(
+            cfg.model, self.device, self.dtype, cfg.revision, cfg.trust_remote_code, "hf judge"
+        )
 
     def _resolve_chat_template(self) -> bool:
         has_one = bool(getattr(self.tokenizer, "chat_template", None))

@@ -15,7 +15,8 @@ Requests run concurrently on a private event loop in a background thread (so the
 API works from scripts, threads and notebooks alike), at most `concurrency` at a time, spread
 over `base_urls` (least in flight, round-robin on ties). Transient failures (429, 5xx, timeouts,
 connection errors, unparsable or incomplete replies) are retried with exponential backoff and
-full jitter, on a different server when there is one; other 4xx fail at once.
+full jitter, on a different server when there is one; other 4xx fail at once. That transport is
+`OpenAIClient`, which `openrlaif generate` shares.
 
 The API key is read from the environment variable named by `api_key_env` at request time and
 only ever placed in the Authorization header: it is not stored on the judge, and it is scrubbed
@@ -39,7 +40,7 @@ from typing import Any, ClassVar, TypeVar
 import httpx
 
 from openrlaif.config import DecodingConfig, OpenAIJudgeConfig, answer_fields
-from openrlaif.errors import JudgeError
+from openrlaif.errors import JudgeError, OpenRLAIFError
 from openrlaif.judges.base import (
     Judge,
     OrderedPair,
@@ -203,16 +204,21 @@ def _one_line(text: str, limit: int | None = None) -> str:
     return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
 
 
-# ---------------------------------------------------------------- the judge
+# ---------------------------------------------------------------- the transport
 
 
-class OpenAIJudge(Judge):
-    backend: ClassVar[str] = "openai"
+class OpenAIClient:
+    """Requests to a fleet of OpenAI-compatible servers: concurrency, retries, fleet routing,
+    the API key. Shared by the judge and `openrlaif generate`; `config` needs `model`,
+    `base_urls`, `api_key_env`, `concurrency`, `timeout_s`, `max_retries`, `backoff_base_s` and
+    `backoff_max_s`. Subclasses name themselves in errors and add a hint for HTTP 400."""
 
-    def __init__(self, config: OpenAIJudgeConfig) -> None:
-        super().__init__()
+    client_name: ClassVar[str] = "openai client"  # starts every error message
+    error_type: ClassVar[type[OpenRLAIFError]] = OpenRLAIFError
+    bad_request_hint: ClassVar[str] = ""
+
+    def __init__(self, config: Any) -> None:
         self.config = config
-        self.templates = load_template_set(config.template)
         self.servers = [ServerStats(url.rstrip("/")) for url in config.base_urls]
         self._next = 0  # round-robin start among equally loaded servers
         self._jitter = random.Random()  # backoff only; never affects an answer
@@ -222,6 +228,201 @@ class OpenAIJudge(Judge):
         self._client: httpx.AsyncClient | None = None
         self._slots: asyncio.Semaphore | None = None
         self._finalizer: weakref.finalize | None = None
+
+    def stats(self) -> dict[str, Any]:
+        """Requests, retries and failures in total and per base URL."""
+        names = ("requests", "retries", "failures")
+        per_url = {s.url: {k: v for k, v in asdict(s).items() if k in names} for s in self.servers}
+        totals = {k: sum(v[k] for v in per_url.values()) for k in names}
+        return {**totals, "servers": per_url}
+
+    def close(self) -> None:
+        """Close the HTTP connections and stop the event-loop thread (restarted if used again)."""
+        with self._start_lock:
+            loop, thread = self._loop, self._thread
+            if loop is None or thread is None:
+                return
+            if self._finalizer is not None:
+                self._finalizer.detach()
+            if self._client is not None:
+                asyncio.run_coroutine_threadsafe(self._client.aclose(), loop).result()
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join()
+            loop.close()
+            self._loop = self._thread = None
+            self._client = None
+            self._slots = None
+
+    # ------------------------------------------------------------ transport
+
+    def _api_key(self) -> str | None:
+        name = self.config.api_key_env
+        return (os.environ.get(name) or None) if name else None
+
+    def _redact(self, text: str) -> str:
+        key = self._api_key()
+        return text.replace(key, "***") if key else text
+
+    def _clean(self, text: str, limit: int = 200) -> str:
+        """Server-supplied text for an error message: key scrubbed first, then cut short."""
+        return _one_line(self._redact(text), limit)
+
+    def _pick(self, avoid: ServerStats | None) -> ServerStats:
+        """Least in flight among servers not recently failing, round-robin on ties; never the
+        server that just failed when there is another."""
+        now = time.monotonic()
+        n = len(self.servers)
+        order = [(i, s) for i, s in enumerate(self.servers) if s is not avoid] or list(
+            enumerate(self.servers)
+        )
+        i, server = min(
+            order, key=lambda e: (e[1].avoid_until > now, e[1].in_flight, (e[0] - self._next) % n)
+        )
+        self._next = (i + 1) % n
+        return server
+
+    def _failed(self, server: ServerStats, wait: float) -> None:
+        server.failures += 1
+        server.consecutive_failures += 1
+        backoff = self.config.backoff_base_s * 2 ** min(server.consecutive_failures, 16)
+        server.avoid_until = time.monotonic() + max(wait, min(self.config.backoff_max_s, backoff))
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        cap = self.config.backoff_max_s
+        if retry_after is not None:
+            return min(cap, retry_after)
+        return self._jitter.uniform(0.0, min(cap, self.config.backoff_base_s * 2**attempt))  # full jitter
+
+    async def _post(self, path: str, body: dict[str, Any], read: Callable[[Any], T]) -> T:
+        """POST `body` to one fleet member and read the reply, retrying transient failures."""
+        client, slots = self._client, self._slots
+        assert client is not None and slots is not None  # made by _run before any request
+        attempts = self.config.max_retries + 1
+        timeout = self.config.timeout_s
+        tried: list[str] = []
+        failure = ""
+        server: ServerStats | None = None
+        for attempt in range(attempts):
+            retry_after: float | None = None
+            async with slots:
+                server = self._pick(avoid=server)
+                url = server.url + path
+                if server.url not in tried:
+                    tried.append(server.url)
+                server.requests += 1
+                server.retries += int(attempt > 0)
+                server.in_flight += 1
+                try:
+                    response = await asyncio.wait_for(
+                        client.post(url, json=body, headers=self._headers()), timeout
+                    )
+                    if response.status_code == 200:
+                        try:
+                            value = read(response.json())
+                        except (ValueError, KeyError, IndexError, TypeError, _Unusable) as e:
+                            raise _Unusable(f"unusable reply ({type(e).__name__}: {e})") from None
+                        server.consecutive_failures = 0
+                        server.avoid_until = 0.0
+                        return value
+                    if response.status_code != 429 and response.status_code < 500:
+                        server.failures += 1  # counted, but not held against the server's health
+                        raise self._error(
+                            f"{url} answered HTTP {response.status_code}: {self._clean(_server_explanation(response))}"
+                            + _hint(response.status_code, self.config, self.bad_request_hint)
+                        )
+                    failure = f"HTTP {response.status_code}: {self._clean(_server_explanation(response))}"
+                    retry_after = _retry_after(response.headers)
+                except (asyncio.TimeoutError, httpx.TimeoutException):
+                    failure = f"no reply within timeout_s={timeout:g}"
+                except httpx.RequestError as e:
+                    failure = self._clean(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+                except _Unusable as e:
+                    failure = self._clean(str(e))
+                finally:
+                    server.in_flight -= 1
+            wait = self._backoff(attempt, retry_after)
+            self._failed(server, retry_after or 0.0)
+            if attempt + 1 < attempts:
+                await asyncio.sleep(wait)  # outside the slot, so other requests keep going
+        raise self._error(
+            f"{path.lstrip('/')} failed after {attempts} attempt(s) on {', '.join(tried)}; last failure: "
+            f"{failure}. Check that the server is up and serves this model, or raise max_retries/timeout_s"
+        )
+
+    def _error(self, message: str) -> OpenRLAIFError:
+        """A one-line error naming the model, with the API key scrubbed (a server may echo it)."""
+        return self.error_type(
+            self._redact(_one_line(f"{self.client_name} {self.config.model!r}: {message}"))
+        )
+
+    def _headers(self) -> dict[str, str]:
+        key = self._api_key()  # read per request: rotating the variable takes effect at once
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    # ------------------------------------------------------------ event loop
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run `coro` on the judge's own loop thread and wait for it; works from any thread,
+        including one that already runs an event loop."""
+        with self._start_lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(
+                    target=loop.run_forever,
+                    name=f"openrlaif-{self.client_name.replace(' ', '-')}",
+                    daemon=True,
+                )
+                thread.start()
+                self._loop, self._thread = loop, thread
+                # A judge dropped without close() must not leave its loop thread spinning.
+                self._finalizer = weakref.finalize(self, loop.call_soon_threadsafe, loop.stop)
+                asyncio.run_coroutine_threadsafe(self._open(), loop).result()
+            loop = self._loop
+        future = asyncio.run_coroutine_threadsafe(coro, loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()  # e.g. Ctrl-C: stop the batch instead of leaving it running
+            raise
+
+    async def _open(self) -> None:
+        # Created on the loop that uses them; the pool never needs more than `concurrency`.
+        n = self.config.concurrency
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(self.config.timeout_s),
+            limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
+        )
+        self._slots = asyncio.Semaphore(n)
+
+    @staticmethod
+    async def _all(aws: Sequence[Awaitable[T]]) -> list[T]:
+        """Await all; on the first error cancel the rest instead of letting them run on."""
+        tasks = [asyncio.ensure_future(a) for a in aws]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+
+# ---------------------------------------------------------------- the judge
+
+
+class OpenAIJudge(OpenAIClient, Judge):  # the client first: its close() is the real one
+    backend: ClassVar[str] = "openai"
+    client_name: ClassVar[str] = "openai judge"
+    error_type: ClassVar[type[OpenRLAIFError]] = JudgeError
+    bad_request_hint: ClassVar[str] = (
+        " (check top_logprobs against the server's limit, e.g. vLLM --max-logprobs)"
+    )
+
+    def __init__(self, config: OpenAIJudgeConfig) -> None:
+        Judge.__init__(self)
+        OpenAIClient.__init__(self, config)
+        self.config: OpenAIJudgeConfig = config
+        self.templates = load_template_set(config.template)
 
     # ------------------------------------------------------------ identity
 
@@ -244,13 +445,6 @@ class OpenAIJudge(Judge):
                 fields.pop(name, None)
         return fields
 
-    def stats(self) -> dict[str, Any]:
-        """Requests, retries and failures in total and per base URL."""
-        names = ("requests", "retries", "failures")
-        per_url = {s.url: {k: v for k, v in asdict(s).items() if k in names} for s in self.servers}
-        totals = {k: sum(v[k] for v in per_url.values()) for k in names}
-        return {**totals, "servers": per_url}
-
     # ------------------------------------------------------------ batched primitives
 
     def judge_orders(self, items: Sequence[OrderedPair]) -> list[OrderJudgment]:
@@ -258,23 +452,6 @@ class OpenAIJudge(Judge):
 
     def score_responses(self, items: Sequence[tuple[str, str]]) -> list[ScoreJudgment]:
         return self._run(self._all([self._score(prompt, response) for prompt, response in items]))
-
-    def close(self) -> None:
-        """Close the HTTP connections and stop the event-loop thread (restarted if used again)."""
-        with self._start_lock:
-            loop, thread = self._loop, self._thread
-            if loop is None or thread is None:
-                return
-            if self._finalizer is not None:
-                self._finalizer.detach()
-            if self._client is not None:
-                asyncio.run_coroutine_threadsafe(self._client.aclose(), loop).result()
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join()
-            loop.close()
-            self._loop = self._thread = None
-            self._client = None
-            self._slots = None
 
     # ------------------------------------------------------------ one judgment
 
@@ -371,155 +548,8 @@ class OpenAIJudge(Judge):
         body = {**common, "messages": [{"role": "user", "content": prompt}]}
         return await self._post("/chat/completions", body, _chat_text)
 
-    # ------------------------------------------------------------ transport
 
-    def _api_key(self) -> str | None:
-        name = self.config.api_key_env
-        return (os.environ.get(name) or None) if name else None
-
-    def _redact(self, text: str) -> str:
-        key = self._api_key()
-        return text.replace(key, "***") if key else text
-
-    def _clean(self, text: str, limit: int = 200) -> str:
-        """Server-supplied text for an error message: key scrubbed first, then cut short."""
-        return _one_line(self._redact(text), limit)
-
-    def _pick(self, avoid: ServerStats | None) -> ServerStats:
-        """Least in flight among servers not recently failing, round-robin on ties; never the
-        server that just failed when there is another."""
-        now = time.monotonic()
-        n = len(self.servers)
-        order = [(i, s) for i, s in enumerate(self.servers) if s is not avoid] or list(
-            enumerate(self.servers)
-        )
-        i, server = min(
-            order, key=lambda e: (e[1].avoid_until > now, e[1].in_flight, (e[0] - self._next) % n)
-        )
-        self._next = (i + 1) % n
-        return server
-
-    def _failed(self, server: ServerStats, wait: float) -> None:
-        server.failures += 1
-        server.consecutive_failures += 1
-        backoff = self.config.backoff_base_s * 2 ** min(server.consecutive_failures, 16)
-        server.avoid_until = time.monotonic() + max(wait, min(self.config.backoff_max_s, backoff))
-
-    def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        cap = self.config.backoff_max_s
-        if retry_after is not None:
-            return min(cap, retry_after)
-        return self._jitter.uniform(0.0, min(cap, self.config.backoff_base_s * 2**attempt))  # full jitter
-
-    async def _post(self, path: str, body: dict[str, Any], read: Callable[[Any], T]) -> T:
-        """POST `body` to one fleet member and read the reply, retrying transient failures."""
-        client, slots = self._client, self._slots
-        assert client is not None and slots is not None  # made by _run before any request
-        attempts = self.config.max_retries + 1
-        timeout = self.config.timeout_s
-        tried: list[str] = []
-        failure = ""
-        server: ServerStats | None = None
-        for attempt in range(attempts):
-            retry_after: float | None = None
-            async with slots:
-                server = self._pick(avoid=server)
-                url = server.url + path
-                if server.url not in tried:
-                    tried.append(server.url)
-                server.requests += 1
-                server.retries += int(attempt > 0)
-                server.in_flight += 1
-                try:
-                    response = await asyncio.wait_for(
-                        client.post(url, json=body, headers=self._headers()), timeout
-                    )
-                    if response.status_code == 200:
-                        try:
-                            value = read(response.json())
-                        except (ValueError, KeyError, IndexError, TypeError, _Unusable) as e:
-                            raise _Unusable(f"unusable reply ({type(e).__name__}: {e})") from None
-                        server.consecutive_failures = 0
-                        server.avoid_until = 0.0
-                        return value
-                    if response.status_code != 429 and response.status_code < 500:
-                        server.failures += 1  # counted, but not held against the server's health
-                        raise self._error(
-                            f"{url} answered HTTP {response.status_code}: {self._clean(_server_explanation(response))}"
-                            + _hint(response.status_code, self.config)
-                        )
-                    failure = f"HTTP {response.status_code}: {self._clean(_server_explanation(response))}"
-                    retry_after = _retry_after(response.headers)
-                except (asyncio.TimeoutError, httpx.TimeoutException):
-                    failure = f"no reply within timeout_s={timeout:g}"
-                except httpx.RequestError as e:
-                    failure = self._clean(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
-                except _Unusable as e:
-                    failure = self._clean(str(e))
-                finally:
-                    server.in_flight -= 1
-            wait = self._backoff(attempt, retry_after)
-            self._failed(server, retry_after or 0.0)
-            if attempt + 1 < attempts:
-                await asyncio.sleep(wait)  # outside the slot, so other requests keep going
-        raise self._error(
-            f"{path.lstrip('/')} failed after {attempts} attempt(s) on {', '.join(tried)}; last failure: "
-            f"{failure}. Check that the server is up and serves this model, or raise max_retries/timeout_s"
-        )
-
-    def _error(self, message: str) -> JudgeError:
-        """A one-line error naming the model, with the API key scrubbed (a server may echo it)."""
-        return JudgeError(self._redact(_one_line(f"openai judge {self.model_name!r}: {message}")))
-
-    def _headers(self) -> dict[str, str]:
-        key = self._api_key()  # read per request: rotating the variable takes effect at once
-        return {"Authorization": f"Bearer {key}"} if key else {}
-
-    # ------------------------------------------------------------ event loop
-
-    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run `coro` on the judge's own loop thread and wait for it; works from any thread,
-        including one that already runs an event loop."""
-        with self._start_lock:
-            if self._loop is None:
-                loop = asyncio.new_event_loop()
-                thread = threading.Thread(target=loop.run_forever, name="openrlaif-openai-judge", daemon=True)
-                thread.start()
-                self._loop, self._thread = loop, thread
-                # A judge dropped without close() must not leave its loop thread spinning.
-                self._finalizer = weakref.finalize(self, loop.call_soon_threadsafe, loop.stop)
-                asyncio.run_coroutine_threadsafe(self._open(), loop).result()
-            loop = self._loop
-        future = asyncio.run_coroutine_threadsafe(coro, loop)
-        try:
-            return future.result()
-        except BaseException:
-            future.cancel()  # e.g. Ctrl-C: stop the batch instead of leaving it running
-            raise
-
-    async def _open(self) -> None:
-        # Created on the loop that uses them; the pool never needs more than `concurrency`.
-        n = self.config.concurrency
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(self.config.timeout_s),
-            limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
-        )
-        self._slots = asyncio.Semaphore(n)
-
-    @staticmethod
-    async def _all(aws: Sequence[Awaitable[T]]) -> list[T]:
-        """Await all; on the first error cancel the rest instead of letting them run on."""
-        tasks = [asyncio.ensure_future(a) for a in aws]
-        try:
-            return list(await asyncio.gather(*tasks))
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
-
-
-def _hint(status: int, config: OpenAIJudgeConfig) -> str:
+def _hint(status: int, config: Any, bad_request_hint: str) -> str:
     if status in (401, 403):
         return (
             f" (check the API key in ${config.api_key_env})" if config.api_key_env else " (set api_key_env)"
@@ -527,5 +557,5 @@ def _hint(status: int, config: OpenAIJudgeConfig) -> str:
     if status == 404:
         return f" (check model={config.model!r} and base_urls)"
     if status == 400:
-        return " (check top_logprobs against the server's limit, e.g. vLLM --max-logprobs)"
+        return bad_request_hint
     return ""
