@@ -343,3 +343,16 @@ def test_server_chat_endpoint_sends_turns(tiny_llama: Path, tmp_path: Path) -> N
             json.dumps(to_messages(p)) for p in PROMPTS for _ in range(2)
         )
         assert Counter(r["prompt_id"] for r in rows(tmp_path / "chat.jsonl")) == {"p0": 2, "p1": 2, "p2": 2}
+
+
+def test_generate_is_a_cli_command(tiny_gpt2: Path, tmp_path: Path) -> None:
+    from openrlaif.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "p1", "prompt": "Hello there"}\n{"id": "p2", "prompt": "How are you?"}\n')
+    out = tmp_path / "responses.jsonl"
+    args = ["generate", "--policy", str(tiny_gpt2), "--prompts", str(prompts), "--out", str(out)]
+    assert main([*args, "-n", "3", "--max-new-tokens", "6", "--quiet"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == ["p1-0", "p1-1", "p1-2", "p2-0", "p2-1", "p2-2"]
+    assert all(r["num_tokens"] <= 6 for r in rows)

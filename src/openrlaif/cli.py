@@ -36,6 +36,12 @@ def _add_judge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+TRAINERS_HELP = {
+    "sft": "supervised fine-tuning on prompt/completion data (loss on the completion tokens)",
+    "rm": "reward model on AI-labeled pairs (soft labels p_chosen) or prompt/chosen/rejected pairs",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="openrlaif",
@@ -80,6 +86,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("judges", help="list the shipped judge configs and prompt templates")
     sub.add_parser("datasets", help="list the built-in datasets")
+
+    p = sub.add_parser("train", help="train a policy (SFT) or a reward model on soft AI labels")
+    algorithms = p.add_subparsers(dest="algorithm", required=True, metavar="ALGORITHM")
+    for name, what in TRAINERS_HELP.items():
+        q = algorithms.add_parser(name, help=what)
+        q.add_argument(
+            "--config",
+            required=True,
+            help="YAML config file, or a shipped one by name (configs/train/: sft-tiny, rm-tiny)",
+        )
+        q.add_argument(
+            "--resume", action="store_true", help="continue from the newest checkpoint in output_dir"
+        )
+        q.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config setting (VALUE is read as YAML), e.g. --set max_steps=100; repeatable",
+        )
+        q.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    from openrlaif.generation import add_generate_command
+
+    add_generate_command(sub)
 
     p = sub.add_parser(
         "quickstart", help="offline demo: measure the default judge on the shipped human labels"
@@ -291,6 +322,24 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from openrlaif.training import TRAINERS
+    from openrlaif.training.common import format_metrics, load_train_config, resolve_train_config_path
+
+    config_class, train = TRAINERS[args.algorithm]
+    config = load_train_config(resolve_train_config_path(args.config), config_class, args.set)
+    result = train(config, resume=args.resume, show_progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) == 0:  # under `accelerate launch`, one summary
+        if result.first_metrics:
+            print(f"held-out before training: {format_metrics(result.first_metrics)}")
+        if result.metrics:
+            print(f"held-out after {result.steps} steps: {format_metrics(result.metrics)}")
+        else:
+            print(f"trained {result.steps} steps; no held-out data (eval_fraction: 0 and no eval_data)")
+        print(f"model -> {result.model_dir}; metrics -> {result.output_dir / 'metrics.jsonl'}")
+    return 0
+
+
 TUNING_LINES = 600  # the default judge's rubric was chosen on these hh-harmless source lines
 
 
@@ -301,9 +350,15 @@ def _held_out_alignment(labels_path: str) -> dict[str, Any] | None:
     return alignment_metrics(held_out) if held_out else None
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from openrlaif.generation import cmd_generate as run
+
+    return run(args)
+
+
 COMMANDS = {
     "label": cmd_label, "align": cmd_align, "score": cmd_score, "judges": cmd_judges,
-    "datasets": cmd_datasets, "quickstart": cmd_quickstart,
+    "datasets": cmd_datasets, "quickstart": cmd_quickstart, "train": cmd_train, "generate": cmd_generate,
 }  # fmt: skip
 
 

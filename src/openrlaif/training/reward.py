@@ -1,0 +1,545 @@
+"""Reward model on soft AI labels, top to bottom (DESIGN §2.2).
+
+Given a prompt x, a chosen response y_c, a rejected one y_r and the AI labeler's probability p
+that y_c is better, the loss is the cross-entropy between p and softmax(r(x, y_c), r(x, y_r)):
+
+    L = -[p · log σ(r_c - r_r) + (1 - p) · log σ(r_r - r_c)]
+
+computed with `logsigmoid` (no overflow for large margins); p ∈ {0, 1} is the Bradley-Terry
+loss. Chosen and rejected go through the model in one concatenated forward pass.
+
+Data: the output of `openrlaif label` (`p_chosen` is the soft label; `human_label`, when there,
+is kept to measure against), any `prompt`/`chosen`/`rejected` file (p = 1), pairs with a human
+label (`response_a`/`response_b` + `human_label` or `preferred`), or the built-in `hh-harmless`.
+
+Model (`model_type`): any `AutoModelForSequenceClassification` with one output
+(`sequence_classification`, the reward read by the model at its last non-pad token), or a causal
+LM's transformer body with a scalar value head (`causal_lm_value_head`, reward at the last
+attended token). The result is an HF model folder (safetensors) that `RewardModel` loads to
+score text; it re-tokenizes, so the policy may use another tokenizer.
+
+    openrlaif train rm --config configs/train/rm-tiny.yaml [--resume]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from openrlaif.data.datasets import BUILTIN_DATASETS, load_pairs
+from openrlaif.data.io import RowError, _row_id, _text, parse_pair, read_records
+from openrlaif.errors import ConfigError
+from openrlaif.training.common import (
+    ExampleIdLog,
+    MetricsLogger,
+    ShardedBatches,
+    Throughput,
+    TrainConfig,
+    TrainingError,
+    TrainResult,
+    check_finite,
+    encode_prompt_completions,
+    eval_shard,
+    format_metrics,
+    load_checkpoint,
+    load_pretrained,
+    load_tokenizer,
+    make_accelerator,
+    make_optimizer,
+    make_scheduler,
+    pad_right,
+    plan_steps,
+    prepare_run,
+    quiet_transformers,
+    resolve_model_path,
+    save_checkpoint,
+    save_model_folder,
+    set_seed,
+    simulate_kill,
+    split_held_out,
+)
+
+ModelType = Literal["sequence_classification", "causal_lm_value_head"]
+METADATA_FILE = "openrlaif_reward.json"  # how to load the folder: model type, max length
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+class RewardConfig(TrainConfig):
+    """Reward-model settings (the shared ones are documented on TrainConfig)."""
+
+    model_type: ModelType = "sequence_classification"
+    learning_rate: float = Field(1e-5, gt=0.0)
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass
+class PreferenceExample:
+    id: str
+    prompt: str
+    chosen: str
+    rejected: str
+    p: float  # the training label: P(chosen is better)
+    human: float | None = None  # P(chosen is better) according to people, when known
+
+
+def _probability(row: dict[str, Any], key: str) -> float:
+    value = row[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise RowError(f"field {key!r} must be a number in [0, 1]")
+    return float(value)
+
+
+def parse_preference_row(row: dict[str, Any], line: int) -> PreferenceExample:
+    if "p_chosen" in row and row["p_chosen"] is not None:  # `openrlaif label` output: soft AI label
+        chosen, rejected = _text(row, "chosen"), _text(row, "rejected")
+        human = None
+        if row.get("human_label") is not None:  # P(A preferred); A may be the rejected one
+            human_a = _probability(row, "human_label")
+            a_is_chosen = row.get("response_a", chosen) == chosen
+            human = human_a if a_is_chosen else 1.0 - human_a
+        return PreferenceExample(
+            _row_id(row, line), _text(row, "prompt"), chosen, rejected, _probability(row, "p_chosen"), human
+        )
+    pair = parse_pair(row, line)  # prompt/chosen/rejected, response_a/b + human label, HH dialogues
+    explicit_human = "response_a" in row and pair.human_label is not None
+    if pair.human_label is None:
+        raise RowError(
+            "no label: need 'p_chosen' (from `openrlaif label`), 'human_label'/'preferred', or prompt/chosen/rejected"
+        )
+    human = pair.human_label if explicit_human else None
+    return PreferenceExample(pair.id, pair.prompt, pair.response_a, pair.response_b, pair.human_label, human)
+
+
+def load_preference_examples(source: str, limit: int | None = None) -> list[PreferenceExample]:
+    if source in BUILTIN_DATASETS:  # people's choices: hard labels that are also human labels
+        examples = [
+            PreferenceExample(p.id, p.prompt, p.response_a, p.response_b, 1.0, 1.0)
+            for p in load_pairs(source).records
+        ]
+    elif Path(source).exists():
+        examples = read_records(source, parse_preference_row).records
+    else:
+        names = ", ".join(sorted(BUILTIN_DATASETS))
+        raise ConfigError(f"data: {source!r} is neither a built-in dataset ({names}) nor an existing file")
+    examples = examples[:limit] if limit is not None else examples
+    if not examples:
+        raise TrainingError(f"{source}: no examples")
+    return examples
+
+
+@dataclass
+class PairBatch:
+    input_ids: torch.Tensor  # (2B, T): the B chosen sequences, then the B rejected ones
+    attention_mask: torch.Tensor
+    p: torch.Tensor  # (B,)
+    human: torch.Tensor  # (B,), NaN where unknown
+    n_tokens: int
+
+    def to(self, device: torch.device) -> PairBatch:
+        return PairBatch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.p.to(device),
+            self.human.to(device),
+            self.n_tokens,
+        )
+
+
+def encode_texts(
+    tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], max_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and attention mask of prompt + response (no EOS: the reward is read at the
+    response's last token; with pad = eos an appended EOS would be taken for padding)."""
+    encoded = encode_prompt_completions(tokenizer, prompts, responses, max_length, append_eos=False)
+    input_ids = pad_right([ids for ids, _ in encoded], tokenizer.pad_token_id)
+    attention_mask = pad_right([[1] * len(ids) for ids, _ in encoded], 0)
+    return input_ids, attention_mask
+
+
+def collate(examples: list[PreferenceExample], tokenizer: Any, max_length: int) -> PairBatch:
+    prompts = [x.prompt for x in examples]
+    input_ids, attention_mask = encode_texts(
+        tokenizer,
+        prompts + prompts,
+        [x.chosen for x in examples] + [x.rejected for x in examples],
+        max_length,
+    )
+    p = torch.tensor([x.p for x in examples], dtype=torch.float32)
+    human = torch.tensor([math.nan if x.human is None else x.human for x in examples], dtype=torch.float32)
+    return PairBatch(input_ids, attention_mask, p, human, int(attention_mask.sum()))
+
+
+# ---------------------------------------------------------------- model
+
+
+@dataclass
+class RewardOutput:
+    logits: torch.Tensor  # (B, 1), like a sequence-classification model's output
+
+
+class ValueHeadModel(nn.Module):
+    """A causal LM's transformer body (no LM head) with a scalar head on its last hidden state.
+
+    Saved as the body's HF folder plus `value_head.safetensors`; the body folder also loads
+    alone with `AutoModel`, so an RL value model can start from it.
+    """
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+        self.config = body.config
+        self.value_head = nn.Linear(body.config.hidden_size, 1)
+        nn.init.normal_(self.value_head.weight, std=getattr(body.config, "initializer_range", 0.02))
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> RewardOutput:
+        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        last = (positions * attention_mask).argmax(-1)  # the last attended token, left or right padding
+        picked = hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last]
+        return RewardOutput(logits=self.value_head(picked))
+
+    def save_pretrained(
+        self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        from safetensors.torch import save_file
+
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        body = {k.removeprefix("body."): v for k, v in state_dict.items() if k.startswith("body.")}
+        self.body.save_pretrained(directory, state_dict=body)
+        head = {
+            k.removeprefix("value_head."): v.contiguous()
+            for k, v in state_dict.items()
+            if k.startswith("value_head.")
+        }
+        save_file(head, str(Path(directory) / VALUE_HEAD_FILE))
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str, revision: str | None = None, trust_remote_code: bool = False
+    ) -> ValueHeadModel:
+        """From a causal LM (a new head) or from a folder this class saved (its head)."""
+        from safetensors.torch import load_file
+        from transformers import AutoModel
+
+        model = cls(load_pretrained(AutoModel, path, revision, trust_remote_code))
+        head_file = Path(path) / VALUE_HEAD_FILE
+        if head_file.exists():
+            model.value_head.load_state_dict(load_file(str(head_file)))
+        return model
+
+
+def load_reward_backbone(
+    path: str,
+    model_type: ModelType,
+    tokenizer: Any,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """A causal LM with a new one-output head, or a reward model saved before (its head kept)."""
+    if model_type == "causal_lm_value_head":
+        model = ValueHeadModel.from_pretrained(path, revision, trust_remote_code)
+    else:
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+
+        try:
+            architectures = AutoConfig.from_pretrained(
+                path, revision=revision, trust_remote_code=trust_remote_code
+            ).architectures
+        except (OSError, ValueError):
+            architectures = None  # load_pretrained below reports the problem in one line
+        has_head = any(a.endswith("ForSequenceClassification") for a in architectures or [])
+        extra = {} if has_head else {"num_labels": 1}  # a saved classifier keeps its own head
+        model = load_pretrained(
+            AutoModelForSequenceClassification, path, revision, trust_remote_code, **extra
+        )
+        if model.config.num_labels != 1:
+            raise ConfigError(
+                f"model: {path!r} has {model.config.num_labels} outputs; a reward model needs 1"
+            )
+    # sequence-classification models find the last real token by the pad id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def reward_of(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """One scalar per sequence, float32."""
+    return (
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.squeeze(-1).float()
+    )
+
+
+# ---------------------------------------------------------------- loss and metrics
+
+
+def soft_label_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Per-pair L = -[p · log σ(r_c - r_r) + (1 - p) · log σ(r_r - r_c)] (DESIGN §2.2)."""
+    margin = r_chosen - r_rejected
+    return -(p * F.logsigmoid(margin) + (1.0 - p) * F.logsigmoid(-margin))
+
+
+def agreement(margin: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(agreement, counted) per pair: 1 when the reward prefers the response the label prefers
+    (argmax), 0 when not, 0.5 for a zero margin; labels of exactly 0.5 (ties) and NaN do not count."""
+    counted = ~torch.isnan(label) & (label != 0.5)
+    agree = torch.where(margin == 0, 0.5, ((margin > 0) == (label > 0.5)).float())
+    return agree * counted, counted.float()
+
+
+def preference_sums(
+    r_chosen: torch.Tensor,
+    r_rejected: torch.Tensor,
+    p: torch.Tensor,
+    human: torch.Tensor,
+    weight: torch.Tensor,
+) -> torch.Tensor:
+    """Sums that add up across batches and processes: loss, pairs, AI-label agreement and count,
+    human-label agreement and count, margin."""
+    margin = r_chosen - r_rejected
+    ai, ai_n = agreement(margin, p)
+    hu, hu_n = agreement(margin, human)
+    parts = [soft_label_loss(r_chosen, r_rejected, p), torch.ones_like(p), ai, ai_n, hu, hu_n, margin]
+    return torch.stack([(x.double() * weight).sum() for x in parts])
+
+
+def metrics_from_sums(sums: torch.Tensor, prefix: str) -> dict[str, float]:
+    loss, n, ai, ai_n, hu, hu_n, margin = sums.tolist()
+    metrics = {f"{prefix}/loss": loss / max(n, 1), f"{prefix}/accuracy": ai / ai_n if ai_n else math.nan}
+    if hu_n:
+        metrics[f"{prefix}/human_accuracy"] = hu / hu_n
+    metrics[f"{prefix}/margin"] = margin / max(n, 1)
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    examples: list[PreferenceExample],
+    tokenizer: Any,
+    config: RewardConfig,
+    accelerator: Any,
+) -> dict[str, float]:
+    """Held-out loss, accuracy against the AI label (argmax p) and, where known, the human label."""
+    model.eval()
+    shard = eval_shard(len(examples), accelerator.process_index, accelerator.num_processes)
+    sums = torch.zeros(7, dtype=torch.float64, device=accelerator.device)
+    batch_size = config.eval_batch_size or config.batch_size
+    for start in range(0, len(shard), batch_size):
+        chunk = shard[start : start + batch_size]
+        batch = collate([examples[i] for i, _ in chunk], tokenizer, config.max_length).to(accelerator.device)
+        rewards = reward_of(model, batch.input_ids, batch.attention_mask)
+        r_chosen, r_rejected = rewards.chunk(2)
+        weight = torch.tensor([c for _, c in chunk], dtype=torch.float64, device=accelerator.device)
+        sums += preference_sums(r_chosen, r_rejected, batch.p, batch.human, weight)
+    model.train()
+    return metrics_from_sums(accelerator.reduce(sums, "sum"), "eval")
+
+
+# ---------------------------------------------------------------- training
+
+
+def train_reward_model(config: RewardConfig, resume: bool = False, show_progress: bool = True) -> TrainResult:
+    """Train; with `resume`, continue from the newest checkpoint in `output_dir` exactly."""
+    quiet_transformers()
+    accelerator = make_accelerator(config)
+    output_dir, checkpoint = prepare_run(config, resume, accelerator)
+    set_seed(config.seed)
+
+    # Data. The held-out split depends only on the seed, so a resumed run gets the same one.
+    examples = load_preference_examples(config.data, config.limit)
+    eval_examples = load_preference_examples(config.eval_data) if config.eval_data else None
+    train_set, held_out = split_held_out(examples, config, eval_examples)
+
+    # Model: from the checkpoint when resuming (the folder holds the tokenizer and the head too).
+    with accelerator.main_process_first():  # a `tiny:` model is built once
+        source = str(checkpoint.model_dir) if checkpoint else resolve_model_path(config.model)
+    tokenizer = load_tokenizer(source, config.revision, config.trust_remote_code)
+    model = load_reward_backbone(
+        source, config.model_type, tokenizer, config.revision, config.trust_remote_code
+    )
+
+    loader = ShardedBatches(
+        len(train_set), config.batch_size, accelerator.num_processes, accelerator.process_index, config.seed
+    )
+    total_steps = plan_steps(config, loader, len(train_set), accelerator.num_processes)
+    optimizer = make_optimizer(model, config)
+    scheduler = make_scheduler(optimizer, config, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    start_step = load_checkpoint(checkpoint, accelerator, optimizer, scheduler, loader) if checkpoint else 0
+
+    logger = MetricsLogger(
+        accelerator, output_dir, config, total_steps, start_step, "reward model", show_progress
+    )
+    ids_log = ExampleIdLog(output_dir, accelerator.process_index, config.record_example_ids)
+    global_batch = config.batch_size * config.grad_accum_steps * accelerator.num_processes
+    logger.print(
+        f"Reward model ({config.model_type}): {len(train_set)} training / {len(held_out)} held-out pairs; "
+        f"{total_steps} steps of {global_batch} pairs ({config.batch_size} x {config.grad_accum_steps} accumulation x "
+        f"{accelerator.num_processes} process(es)); {accelerator.device}, mixed precision {accelerator.mixed_precision}"
+        + (f"; resuming after step {start_step} from {checkpoint.path}" if checkpoint else "")
+    )
+    first_metrics = final_metrics = None
+    if start_step == 0 and held_out:
+        first_metrics = evaluate(model, held_out, tokenizer, config, accelerator)
+        logger.log(0, first_metrics)
+        logger.print(f"step 0 (before training): {format_metrics(first_metrics)}")
+
+    last_checkpoint = checkpoint.path if checkpoint else None
+    throughput = Throughput()
+    model.train()
+    try:
+        for step in range(start_step + 1, total_steps + 1):
+            sums = torch.zeros(7, dtype=torch.float64, device=accelerator.device)
+            samples, tokens, ids = 0, 0, []
+            for _ in range(config.grad_accum_steps):
+                chunk = [train_set[i] for i in loader.next_batch()]
+                batch = collate(chunk, tokenizer, config.max_length).to(accelerator.device)
+                with accelerator.accumulate(model):  # no gradient all-reduce until the last micro-step
+                    rewards = reward_of(
+                        model, batch.input_ids, batch.attention_mask
+                    )  # chosen and rejected at once
+                    r_chosen, r_rejected = rewards.chunk(2)
+                    loss = soft_label_loss(r_chosen, r_rejected, batch.p).mean()
+                    accelerator.backward(loss)  # divides by grad_accum_steps
+                ones = torch.ones_like(batch.p, dtype=torch.float64)
+                sums += preference_sums(r_chosen.detach(), r_rejected.detach(), batch.p, batch.human, ones)
+                samples, tokens = samples + len(chunk), tokens + batch.n_tokens
+                ids.extend(x.id for x in chunk)
+
+            # One all-reduce for the log: loss/accuracy sums, samples and tokens over all processes.
+            totals = accelerator.reduce(torch.cat([sums, sums.new_tensor([samples, tokens])]), "sum")
+            train_metrics = metrics_from_sums(totals[:7], "train")
+            check_finite(
+                step, "loss", train_metrics["train/loss"], last_checkpoint
+            )  # before the optimizer uses it
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or math.inf)
+            check_finite(step, "gradient norm", grad_norm, last_checkpoint)
+            learning_rate = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            ids_log.write(step, ids)
+
+            metrics = {k: v for k, v in train_metrics.items() if not math.isnan(v)}
+            metrics["train/learning_rate"] = learning_rate
+            if grad_norm is not None:
+                metrics["train/grad_norm"] = float(grad_norm)
+            metrics |= {
+                f"train/{k}": v for k, v in throughput.rates(totals[7].item(), totals[8].item()).items()
+            }
+            if step % config.log_every == 0 or step == total_steps:
+                logger.log(step, metrics)
+            logger.advance(step, f"loss {train_metrics['train/loss']:.4f}")
+            simulate_kill(step)
+
+            if held_out and (step == total_steps or (config.eval_every and step % config.eval_every == 0)):
+                final_metrics = evaluate(model, held_out, tokenizer, config, accelerator)
+                check_finite(step, "held-out loss", final_metrics["eval/loss"], last_checkpoint)
+                logger.log(step, {k: v for k, v in final_metrics.items() if not math.isnan(v)})
+                logger.print(f"step {step}: {format_metrics(final_metrics)}")
+            if step % config.save_every == 0 or step == total_steps:
+                last_checkpoint = save_checkpoint(
+                    accelerator, output_dir, step, model, tokenizer, optimizer, scheduler, loader, config.keep_checkpoints
+                )  # fmt: skip
+                if accelerator.is_main_process:
+                    _write_metadata(last_checkpoint / "model", config)
+            throughput.started = time.perf_counter()  # eval and saving are not training time
+    finally:
+        logger.close()
+
+    if final_metrics is None and held_out:  # resumed a finished run
+        final_metrics = evaluate(model, held_out, tokenizer, config, accelerator)
+    model_dir = output_dir / "model"
+    save_model_folder(accelerator, model, tokenizer, model_dir)
+    if accelerator.is_main_process:
+        _write_metadata(model_dir, config)
+    accelerator.wait_for_everyone()
+    logger.print(
+        f"reward model done: {total_steps} steps; model -> {model_dir} (load it with RewardModel.from_pretrained)"
+    )
+    return TrainResult(
+        output_dir=output_dir, model_dir=model_dir, steps=total_steps, metrics=final_metrics or {},
+        first_metrics=first_metrics, model=accelerator.unwrap_model(model),
+    )  # fmt: skip
+
+
+def _write_metadata(directory: Path, config: RewardConfig) -> None:
+    meta = {
+        "model_type": config.model_type,
+        "max_length": config.max_length,
+        "trained_by": "openrlaif train rm",
+    }
+    (directory / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------- loading a trained reward model
+
+
+class RewardModel:
+    """A trained reward model that scores text: `score(prompts, responses) -> tensor`.
+
+    Loads a folder written by `openrlaif train rm`, or any HF sequence-classification model with
+    one output. Texts are tokenized with the reward model's own tokenizer, so the policy may use
+    another one (`score_generations` decodes the policy's tokens first).
+    """
+
+    def __init__(
+        self, model: nn.Module, tokenizer: Any, max_length: int = 512, device: str | torch.device = "cpu"
+    ) -> None:
+        self.model = model.to(device).eval()
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.device = torch.device(device)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, device: str | torch.device = "cpu", trust_remote_code: bool = False
+    ) -> RewardModel:
+        quiet_transformers()
+        path = Path(path)
+        meta_file = path / METADATA_FILE
+        meta = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.exists() else {}
+        tokenizer = load_tokenizer(str(path), trust_remote_code=trust_remote_code)
+        model_type = meta.get("model_type", "sequence_classification")
+        model = load_reward_backbone(str(path), model_type, tokenizer, trust_remote_code=trust_remote_code)
+        return cls(model, tokenizer, int(meta.get("max_length", 512)), device)
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 16) -> torch.Tensor:
+        """r(prompt, response) for each pair, float32 on the CPU."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        out = []
+        for start in range(0, len(prompts), batch_size):
+            input_ids, attention_mask = encode_texts(
+                self.tokenizer,
+                prompts[start : start + batch_size],
+                responses[start : start + batch_size],
+                self.max_length,
+            )
+            out.append(reward_of(self.model, input_ids.to(self.device), attention_mask.to(self.device)).cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def score_generations(
+        self,
+        prompts: Sequence[str],
+        response_ids: Sequence[Sequence[int]],
+        policy_tokenizer: Any,
+        batch_size: int = 16,
+    ) -> torch.Tensor:
+        """Score responses given as the policy's token ids: decoded with the policy's tokenizer
+        (special tokens such as EOS/padding dropped), then re-tokenized with the reward model's."""
+        texts = policy_tokenizer.batch_decode([list(ids) for ids in response_ids], skip_special_tokens=True)
+        return self.score(prompts, [t.strip() or t for t in texts], batch_size)

@@ -1,0 +1,272 @@
+"""Supervised fine-tuning (SFT), top to bottom: maximise log p(completion | prompt).
+
+Data: JSONL/Parquet rows with `prompt` and `completion` (TRL's prompt-completion format; a
+`response` field is accepted in place of `completion`, so a responses file trains as it is), or
+the built-in `hh-harmless` (the prompt and the reply people chose). The loss is the mean negative
+log-likelihood of the completion tokens: prompt tokens and padding are labeled -100 and carry no
+loss, and an EOS token is appended so the policy learns to stop. A held-out split is evaluated
+before training, every `eval_every` steps and at the end.
+
+    openrlaif train sft --config configs/train/sft-tiny.yaml [--resume]
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from openrlaif.data.datasets import BUILTIN_DATASETS, load_pairs
+from openrlaif.data.io import RowError, _row_id, _text, read_records
+from openrlaif.errors import ConfigError
+from openrlaif.training.common import (
+    IGNORE_INDEX,
+    ExampleIdLog,
+    MetricsLogger,
+    ShardedBatches,
+    Throughput,
+    TrainConfig,
+    TrainingError,
+    TrainResult,
+    check_finite,
+    encode_prompt_completions,
+    eval_shard,
+    format_metrics,
+    load_checkpoint,
+    load_pretrained,
+    load_tokenizer,
+    make_accelerator,
+    make_optimizer,
+    make_scheduler,
+    pad_right,
+    plan_steps,
+    prepare_run,
+    quiet_transformers,
+    resolve_model_path,
+    save_checkpoint,
+    save_model_folder,
+    sequence_logprobs,
+    set_seed,
+    simulate_kill,
+    split_held_out,
+)
+
+
+class SFTConfig(TrainConfig):
+    """SFT settings (the shared ones are documented on TrainConfig)."""
+
+    data: str = "hh-harmless"
+    learning_rate: float = Field(2e-5, gt=0.0)
+    append_eos: bool = True  # end every completion with EOS so generation learns to stop
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass
+class SFTExample:
+    id: str
+    prompt: str
+    completion: str
+
+
+def parse_sft_row(row: dict[str, Any], line: int) -> SFTExample:
+    key = "completion" if "completion" in row else "response" if "response" in row else None
+    if key is None:
+        raise RowError(
+            "missing field 'completion' (SFT rows are 'prompt' + 'completion'; 'response' also works)"
+        )
+    return SFTExample(_row_id(row, line), _text(row, "prompt"), _text(row, key))
+
+
+def load_sft_examples(source: str, limit: int | None = None) -> list[SFTExample]:
+    """A prompt/completion file, or a built-in pairs dataset (prompt + the human-chosen reply)."""
+    if source in BUILTIN_DATASETS:
+        pairs = load_pairs(source).records
+        examples = [SFTExample(p.id, p.prompt, p.response_a) for p in pairs]  # A = the chosen reply
+    elif Path(source).exists():
+        examples = read_records(source, parse_sft_row).records
+    else:
+        names = ", ".join(sorted(BUILTIN_DATASETS))
+        raise ConfigError(f"data: {source!r} is neither a built-in dataset ({names}) nor an existing file")
+    examples = examples[:limit] if limit is not None else examples
+    if not examples:
+        raise TrainingError(f"{source}: no examples")
+    return examples
+
+
+@dataclass
+class SFTBatch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor  # input_ids, with IGNORE_INDEX on prompt tokens and padding
+    n_tokens: int  # real (non-pad) tokens, for tokens/s
+
+    def to(self, device: torch.device) -> SFTBatch:
+        return SFTBatch(
+            self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), self.n_tokens
+        )
+
+
+def collate(examples: list[SFTExample], tokenizer: Any, max_length: int, append_eos: bool) -> SFTBatch:
+    encoded = encode_prompt_completions(
+        tokenizer, [x.prompt for x in examples], [x.completion for x in examples], max_length, append_eos
+    )
+    input_ids = pad_right([ids for ids, _ in encoded], tokenizer.pad_token_id)
+    attention_mask = pad_right([[1] * len(ids) for ids, _ in encoded], 0)
+    labels = input_ids.clone()
+    for row, (ids, n_prompt) in enumerate(encoded):
+        # by position, not by token id: pad may equal eos, and the appended eos must be learned
+        labels[row, :n_prompt] = IGNORE_INDEX
+        labels[row, len(ids) :] = IGNORE_INDEX
+    return SFTBatch(input_ids, attention_mask, labels, int(attention_mask.sum()))
+
+
+# ---------------------------------------------------------------- loss and evaluation
+
+
+def sft_loss(model: torch.nn.Module, batch: SFTBatch) -> torch.Tensor:
+    """Mean negative log-likelihood per completion token of the batch."""
+    logp_sum, n_tokens = sequence_logprobs(model, batch.input_ids, batch.attention_mask, batch.labels)
+    return -logp_sum.sum() / n_tokens.sum().clamp(min=1)
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, examples: list[SFTExample], tokenizer: Any, config: SFTConfig, accelerator: Any
+) -> dict[str, float]:
+    """Held-out loss (per completion token) and perplexity, summed over all processes."""
+    model.eval()
+    shard = eval_shard(len(examples), accelerator.process_index, accelerator.num_processes)
+    totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # nll, tokens
+    batch_size = config.eval_batch_size or config.batch_size
+    for start in range(0, len(shard), batch_size):
+        chunk = shard[start : start + batch_size]
+        batch = collate([examples[i] for i, _ in chunk], tokenizer, config.max_length, config.append_eos)
+        batch = batch.to(accelerator.device)
+        logp_sum, n_tokens = sequence_logprobs(model, batch.input_ids, batch.attention_mask, batch.labels)
+        counts = torch.tensor([c for _, c in chunk], dtype=torch.float64, device=accelerator.device)
+        totals += torch.stack([-(logp_sum.double() * counts).sum(), (n_tokens.double() * counts).sum()])
+    totals = accelerator.reduce(totals, "sum")
+    model.train()
+    loss = (totals[0] / totals[1].clamp(min=1)).item()
+    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 700.0))}
+
+
+# ---------------------------------------------------------------- training
+
+
+def train_sft(config: SFTConfig, resume: bool = False, show_progress: bool = True) -> TrainResult:
+    """Train; with `resume`, continue from the newest checkpoint in `output_dir` exactly."""
+    from transformers import AutoModelForCausalLM
+
+    quiet_transformers()
+    accelerator = make_accelerator(config)
+    output_dir, checkpoint = prepare_run(config, resume, accelerator)
+    set_seed(config.seed)
+
+    # Data. The held-out split depends only on the seed, so a resumed run gets the same one.
+    examples = load_sft_examples(config.data, config.limit)
+    eval_examples = load_sft_examples(config.eval_data) if config.eval_data else None
+    train_set, held_out = split_held_out(examples, config, eval_examples)
+
+    # Model: from the checkpoint when resuming (the folder holds the tokenizer too).
+    with accelerator.main_process_first():  # a `tiny:` model is built once
+        source = str(checkpoint.model_dir) if checkpoint else resolve_model_path(config.model)
+    tokenizer = load_tokenizer(source, config.revision, config.trust_remote_code)
+    model = load_pretrained(AutoModelForCausalLM, source, config.revision, config.trust_remote_code)
+
+    loader = ShardedBatches(
+        len(train_set), config.batch_size, accelerator.num_processes, accelerator.process_index, config.seed
+    )
+    total_steps = plan_steps(config, loader, len(train_set), accelerator.num_processes)
+    optimizer = make_optimizer(model, config)
+    scheduler = make_scheduler(optimizer, config, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    start_step = load_checkpoint(checkpoint, accelerator, optimizer, scheduler, loader) if checkpoint else 0
+
+    logger = MetricsLogger(accelerator, output_dir, config, total_steps, start_step, "SFT", show_progress)
+    ids_log = ExampleIdLog(output_dir, accelerator.process_index, config.record_example_ids)
+    global_batch = config.batch_size * config.grad_accum_steps * accelerator.num_processes
+    logger.print(
+        f"SFT: {len(train_set)} training / {len(held_out)} held-out examples; {total_steps} steps of "
+        f"{global_batch} examples ({config.batch_size} x {config.grad_accum_steps} accumulation x "
+        f"{accelerator.num_processes} process(es)); {accelerator.device}, mixed precision {accelerator.mixed_precision}"
+        + (f"; resuming after step {start_step} from {checkpoint.path}" if checkpoint else "")
+    )
+    first_metrics = final_metrics = None
+    if start_step == 0 and held_out:
+        first_metrics = evaluate(model, held_out, tokenizer, config, accelerator)
+        logger.log(0, first_metrics)
+        logger.print(f"step 0 (before training): {format_metrics(first_metrics)}")
+
+    last_checkpoint = checkpoint.path if checkpoint else None
+    throughput = Throughput()
+    model.train()
+    try:
+        for step in range(start_step + 1, total_steps + 1):
+            losses, samples, tokens, ids = [], 0, 0, []
+            for _ in range(config.grad_accum_steps):
+                chunk = [train_set[i] for i in loader.next_batch()]
+                batch = collate(chunk, tokenizer, config.max_length, config.append_eos).to(accelerator.device)
+                with accelerator.accumulate(model):  # no gradient all-reduce until the last micro-step
+                    loss = sft_loss(model, batch)
+                    accelerator.backward(loss)  # divides by grad_accum_steps
+                losses.append(loss.detach())
+                samples, tokens = samples + len(chunk), tokens + batch.n_tokens
+                ids.extend(x.id for x in chunk)
+
+            # One all-reduce for the log: loss averaged over processes, samples and tokens summed.
+            mean_loss = torch.stack(losses).mean().double()
+            totals = accelerator.reduce(
+                torch.stack([mean_loss, mean_loss.new_tensor(samples), mean_loss.new_tensor(tokens)]), "sum"
+            )
+            loss_value = totals[0].item() / accelerator.num_processes
+            check_finite(step, "loss", loss_value, last_checkpoint)  # before the optimizer can use it
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or math.inf)
+            check_finite(step, "gradient norm", grad_norm, last_checkpoint)
+            learning_rate = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            ids_log.write(step, ids)
+
+            metrics = {"train/loss": loss_value, "train/learning_rate": learning_rate}
+            if grad_norm is not None:
+                metrics["train/grad_norm"] = float(grad_norm)
+            metrics |= {
+                f"train/{k}": v for k, v in throughput.rates(totals[1].item(), totals[2].item()).items()
+            }
+            if step % config.log_every == 0 or step == total_steps:
+                logger.log(step, metrics)
+            logger.advance(step, f"loss {loss_value:.4f}")
+            simulate_kill(step)
+
+            if held_out and (step == total_steps or (config.eval_every and step % config.eval_every == 0)):
+                final_metrics = evaluate(model, held_out, tokenizer, config, accelerator)
+                check_finite(step, "held-out loss", final_metrics["eval/loss"], last_checkpoint)
+                logger.log(step, final_metrics)
+                logger.print(f"step {step}: {format_metrics(final_metrics)}")
+            if step % config.save_every == 0 or step == total_steps:
+                last_checkpoint = save_checkpoint(
+                    accelerator, output_dir, step, model, tokenizer, optimizer, scheduler, loader, config.keep_checkpoints
+                )  # fmt: skip
+            throughput.started = time.perf_counter()  # eval and saving are not training time
+    finally:
+        logger.close()
+
+    if final_metrics is None and held_out:  # resumed a finished run
+        final_metrics = evaluate(model, held_out, tokenizer, config, accelerator)
+    model_dir = output_dir / "model"
+    save_model_folder(accelerator, model, tokenizer, model_dir)
+    accelerator.wait_for_everyone()
+    logger.print(f"SFT done: {total_steps} steps; model -> {model_dir}")
+    return TrainResult(
+        output_dir=output_dir, model_dir=model_dir, steps=total_steps, metrics=final_metrics or {},
+        first_metrics=first_metrics, model=accelerator.unwrap_model(model),
+    )  # fmt: skip

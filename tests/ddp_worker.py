@@ -1,0 +1,40 @@
+"""Runs any trainer under `accelerate launch` and records what each process did.
+
+    accelerate launch --multi_gpu --num_processes 2 tests/ddp_worker.py ALGO:CONFIG.yaml [ALGO:CONFIG.yaml ...]
+
+ALGO is a name in `openrlaif.training.TRAINERS` (sft, rm; later dpo, rl). Several trainings run
+one after the other in the same processes (the start-up is the slow part on a CPU). Each process
+writes `rank{r}.json` into the run's output_dir: the SHA-256 of its final weights, its step count
+and held-out metrics. The trainer itself writes `example_ids.rank{r}.jsonl` (the config sets
+`record_example_ids: true`), so the test can check that the processes saw different examples.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from openrlaif.training import TRAINERS
+from openrlaif.training.common import load_train_config, weights_digest
+
+
+def main(jobs: list[str]) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    for job in jobs:
+        algorithm, _, config_path = job.partition(":")
+        config_class, train = TRAINERS[algorithm]
+        config = load_train_config(config_path, config_class)
+        result = train(config, show_progress=False)
+        record = {
+            "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+            "sha256": weights_digest(result.model),
+            "steps": result.steps,
+            "metrics": result.metrics,
+        }
+        (Path(config.output_dir) / f"rank{rank}.json").write_text(json.dumps(record), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,115 @@
+"""Data-parallel training with two CPU processes (gloo) under `accelerate launch`, for every trainer:
+the processes must see different examples and end with bitwise identical weights.
+
+On a machine without GPUs, `accelerate launch --cpu --num_processes 2` starts a single process
+(accelerate 1.15 uses its plain launcher for --cpu unless given an MPI hostfile); `--multi_gpu`
+starts two through torchrun, and the trainers' Accelerator(cpu=True) makes them a gloo group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from training_toys import preference_rows, sft_rows, write
+
+from openrlaif.training.common import weights_digest
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_see_different_data_and_end_with_identical_weights(
+    tiny_gpt2: Path, tiny_llama: Path, tmp_path: Path
+) -> None:
+    sft_data = write(tmp_path / "sft.jsonl", sft_rows(100))
+    pref_data = write(tmp_path / "pairs.jsonl", preference_rows(100))
+    common = dict(max_steps=6, learning_rate=1e-3, eval_every=3, save_every=3, eval_fraction=0.1,
+                  record_example_ids=True, tensorboard=False)  # fmt: skip
+    runs = {
+        # gradient accumulation on SFT: DDP must skip the all-reduce on the first micro-step only
+        "sft": dict(model=str(tiny_gpt2), data=str(sft_data), batch_size=4, grad_accum_steps=2, **common),
+        "rm": dict(
+            model=str(tiny_llama),
+            data=str(pref_data),
+            batch_size=4,
+            model_type="causal_lm_value_head",
+            **common,
+        ),
+    }
+    jobs = []
+    for algorithm, settings in runs.items():
+        settings["output_dir"] = str(tmp_path / algorithm)
+        config = tmp_path / f"{algorithm}.yaml"
+        config.write_text(yaml.safe_dump(settings), encoding="utf-8")
+        jobs.append(f"{algorithm}:{config}")
+
+    env = {
+        **os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+        "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+    }  # fmt: skip
+    command = [
+        str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        str(WORKER), *jobs,
+    ]  # fmt: skip
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    for algorithm, settings in runs.items():
+        out = Path(settings["output_dir"])
+        ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+        assert [r["world_size"] for r in ranks] == [2, 2], algorithm
+        assert ranks[0]["sha256"] == ranks[1]["sha256"], f"{algorithm}: the processes' weights differ"
+        assert ranks[0]["metrics"] == ranks[1]["metrics"]  # held-out metrics are reduced over both
+
+        ids = [
+            [json.loads(x) for x in (out / f"example_ids.rank{r}.jsonl").read_text().splitlines()]
+            for r in range(2)
+        ]
+        assert [row["step"] for row in ids[0]] == [row["step"] for row in ids[1]] == list(range(1, 7))
+        per_step = settings["batch_size"] * settings.get("grad_accum_steps", 1)
+        for row0, row1 in zip(*ids, strict=True):
+            assert len(row0["ids"]) == len(row1["ids"]) == per_step
+            assert not set(row0["ids"]) & set(row1["ids"]), (
+                f"{algorithm} step {row0['step']}: shared examples"
+            )
+        # within an epoch (90 training examples: 11 micro-batches of 4 per process) nothing repeats
+        micro = [
+            [row["ids"][i : i + 4] for row in rows for i in range(0, len(row["ids"]), 4)] for rows in ids
+        ]
+        first_epoch = [i for batches in micro for batch in batches[:11] for i in batch]
+        assert len(first_epoch) == len(set(first_epoch)) == 4 * 2 * min(11, len(micro[0])), algorithm
+
+        # the saved model is the trained one, and training changed it
+        if algorithm == "sft":
+            from transformers import AutoModelForCausalLM
+
+            saved = AutoModelForCausalLM.from_pretrained(out / "model")
+            initial = AutoModelForCausalLM.from_pretrained(settings["model"])
+        else:
+            from openrlaif.training.reward import ValueHeadModel
+
+            saved = ValueHeadModel.from_pretrained(str(out / "model"))
+            initial = ValueHeadModel.from_pretrained(settings["model"])  # the body as it started
+            assert weights_digest(saved.body) != weights_digest(initial.body), algorithm
+        assert weights_digest(saved) == ranks[0]["sha256"], algorithm
+        assert weights_digest(initial) != ranks[0]["sha256"], algorithm
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_accelerate_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A user's ~/.cache/huggingface/accelerate config must not change what the test launches."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
