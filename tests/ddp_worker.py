@@ -2,8 +2,8 @@
 
     accelerate launch --multi_gpu --num_processes 2 tests/ddp_worker.py ALGO:CONFIG.yaml [ALGO:CONFIG.yaml ...]
 
-ALGO is a name in `openrlaif.training.TRAINERS` (sft, rm; later dpo, rl). Several trainings run
-one after the other in the same processes (the start-up is the slow part on a CPU). Each process
+ALGO is a name in `openrlaif.training.TRAINERS` (sft, rm, dpo, ...). Several trainings run one
+after the other in the same processes (the start-up is the slow part on a CPU). Each process
 writes `rank{r}.json` into the run's output_dir: the SHA-256 of its final weights, its step count
 and held-out metrics. The trainer itself writes `example_ids.rank{r}.jsonl` (the config sets
 `record_example_ids: true`), so the test can check that the processes saw different examples.

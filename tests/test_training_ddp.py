@@ -48,6 +48,8 @@ def test_two_processes_see_different_data_and_end_with_identical_weights(
             model_type="causal_lm_value_head",
             **common,
         ),
+        # DPO: the main process computes the reference log-probs, the other reads its file
+        "dpo": dict(model=str(tiny_gpt2), data=str(pref_data), batch_size=4, **common),
     }
     jobs = []
     for algorithm, settings in runs.items():
@@ -74,6 +76,8 @@ def test_two_processes_see_different_data_and_end_with_identical_weights(
         assert [r["world_size"] for r in ranks] == [2, 2], algorithm
         assert ranks[0]["sha256"] == ranks[1]["sha256"], f"{algorithm}: the processes' weights differ"
         assert ranks[0]["metrics"] == ranks[1]["metrics"]  # held-out metrics are reduced over both
+        if algorithm == "dpo":  # training moved the policy away from the reference on held-out pairs
+            assert ranks[0]["metrics"]["eval/rewards/margin"] != 0.0
 
         ids = [
             [json.loads(x) for x in (out / f"example_ids.rank{r}.jsonl").read_text().splitlines()]
@@ -94,7 +98,7 @@ def test_two_processes_see_different_data_and_end_with_identical_weights(
         assert len(first_epoch) == len(set(first_epoch)) == 4 * 2 * min(11, len(micro[0])), algorithm
 
         # the saved model is the trained one, and training changed it
-        if algorithm == "sft":
+        if algorithm in ("sft", "dpo"):
             from transformers import AutoModelForCausalLM
 
             saved = AutoModelForCausalLM.from_pretrained(out / "model")

@@ -39,6 +39,9 @@ def _add_judge_args(p: argparse.ArgumentParser) -> None:
 TRAINERS_HELP = {
     "sft": "supervised fine-tuning on prompt/completion data (loss on the completion tokens)",
     "rm": "reward model on AI-labeled pairs (soft labels p_chosen) or prompt/chosen/rejected pairs",
+    "dpo": "DPO on AI-labeled pairs (soft labels p_chosen) or prompt/chosen/rejected pairs; reference log-probs computed once",
+    "rl": "RL from AI feedback: REINFORCE with a learned value baseline (the paper), RLOO, PPO or online DPO; "
+    "reward from a reward model or a judge (d-RLAIF score or pairwise)",
 }
 
 
@@ -87,14 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("judges", help="list the shipped judge configs and prompt templates")
     sub.add_parser("datasets", help="list the built-in datasets")
 
-    p = sub.add_parser("train", help="train a policy (SFT) or a reward model on soft AI labels")
+    p = sub.add_parser("train", help="train: SFT, reward model, DPO or RL on AI feedback")
     algorithms = p.add_subparsers(dest="algorithm", required=True, metavar="ALGORITHM")
     for name, what in TRAINERS_HELP.items():
         q = algorithms.add_parser(name, help=what)
         q.add_argument(
             "--config",
             required=True,
-            help="YAML config file, or a shipped one by name (configs/train/: sft-tiny, rm-tiny)",
+            help="YAML config file, or a shipped one by name (configs/train/: sft-tiny, rm-tiny, dpo-tiny, rl-tiny)",
         )
         q.add_argument(
             "--resume", action="store_true", help="continue from the newest checkpoint in output_dir"

@@ -1,4 +1,4 @@
-"""Training: supervised fine-tuning and the soft-label reward model (DPO and RL build on `common`).
+"""Training: SFT, the soft-label reward model, DPO on soft labels, and RL with a KL penalty.
 
 Each algorithm is one module, readable top to bottom, with its config class beside its train
 function. `TRAINERS` maps the CLI name (`openrlaif train NAME`) to both, for the CLI and for
@@ -11,12 +11,16 @@ from collections.abc import Callable
 from typing import Any
 
 from openrlaif.training.common import TrainConfig, TrainingError, TrainResult
+from openrlaif.training.dpo import DPOConfig, train_dpo
 from openrlaif.training.reward import RewardConfig, RewardModel, train_reward_model
+from openrlaif.training.rl import RLConfig, train_rl
 from openrlaif.training.sft import SFTConfig, train_sft
 
 TRAINERS: dict[str, tuple[type[TrainConfig], Callable[..., TrainResult]]] = {
     "sft": (SFTConfig, train_sft),
     "rm": (RewardConfig, train_reward_model),
+    "dpo": (DPOConfig, train_dpo),
+    "rl": (RLConfig, train_rl),
 }
 
 
@@ -26,6 +30,8 @@ def run_trainer(name: str, config: Any, resume: bool = False, show_progress: boo
 
 __all__ = [
     "TRAINERS",
+    "DPOConfig",
+    "RLConfig",
     "RewardConfig",
     "RewardModel",
     "SFTConfig",
@@ -33,6 +39,8 @@ __all__ = [
     "TrainResult",
     "TrainingError",
     "run_trainer",
+    "train_dpo",
     "train_reward_model",
+    "train_rl",
     "train_sft",
 ]

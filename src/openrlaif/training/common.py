@@ -605,9 +605,11 @@ def save_checkpoint(
     loader: ShardedBatches,
     keep: int,
     extra: dict[str, Any] | None = None,
+    extra_models: dict[str, torch.nn.Module] | None = None,
 ) -> Path:
     """Write checkpoint `step-N` atomically: everything goes into a temp dir that is renamed into
-    place last, so a run killed mid-save leaves the previous checkpoint as the newest one."""
+    place last, so a run killed mid-save leaves the previous checkpoint as the newest one.
+    `extra_models` (e.g. RL's value model) are saved as model folders `step-N/<name>`."""
     root = output_dir / CHECKPOINTS
     final, tmp = root / f"step-{step:08d}", root / f".step-{step:08d}.tmp"
     if accelerator.is_main_process:
@@ -617,6 +619,8 @@ def save_checkpoint(
     if uses_sharded_engine(accelerator):  # DeepSpeed/FSDP: accelerate's own format (not tested here)
         accelerator.save_state(str(tmp / "accelerate"))
     save_model_folder(accelerator, model, tokenizer, tmp / "model")
+    for name, extra_model in (extra_models or {}).items():
+        save_model_folder(accelerator, extra_model, tokenizer, tmp / name)
     if accelerator.is_main_process and not uses_sharded_engine(accelerator):
         save_state_files(optimizer.state_dict(), tmp, "optimizer")
         save_state_files(scheduler.state_dict(), tmp, "scheduler")

@@ -1,0 +1,301 @@
+"""RL (training/rl.py): advantages, baselines, clipping and KL shaping against hand-computed
+values; then learning evidence on CPU with a tiny random GPT-2 and a scripted judge.
+
+The scripted reward: +1 when a response starts with a vowel, -1 otherwise. A random policy
+starts near -0.5 (about a quarter of its tokens start with a vowel); each algorithm must raise
+the mean reward within 16 steps while the KL to the reference stays below a stated bound.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from scripted_judge import ScriptedJudge
+from training_toys import sft_rows, write
+
+from openrlaif.errors import ConfigError
+from openrlaif.judges.base import OrderedPair, OrderJudgment, ScoreJudgment
+from openrlaif.training.common import (
+    TrainingError,
+    load_train_config,
+    resolve_train_config_path,
+    weights_digest,
+)
+from openrlaif.training.rl import (
+    RLConfig,
+    best_worst_pairs,
+    dpo_loss,
+    gae,
+    pairwise_win_rates,
+    ppo_policy_loss,
+    returns_to_go,
+    rloo_advantages,
+    shaped_rewards,
+    train_rl,
+    value_loss,
+)
+
+# ---------------------------------------------------------------- hand-computed values
+
+
+def test_rloo_baseline_is_the_mean_of_the_other_samples_of_the_same_prompt() -> None:
+    returns = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0])  # two prompts, k = 3
+    # prompt 1: 1 - (2+6)/2 = -3, 2 - (1+6)/2 = -1.5, 6 - (1+2)/2 = 4.5; prompt 2: -1.5, -1.5, 3
+    expected = torch.tensor([-3.0, -1.5, 4.5, -1.5, -1.5, 3.0])
+    assert torch.allclose(rloo_advantages(returns, 3), expected)
+
+
+def test_kl_shaped_reward_puts_the_score_on_the_last_response_token_only() -> None:
+    # two sequences over 5 positions; responses start after the prompt (mask 0 there)
+    mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]], dtype=torch.float)
+    kl = torch.tensor([[9.0, 0.2, -0.1, 0.4, 9.0], [9.0, 9.0, 0.0, 1.0, 2.0]])
+    scores = torch.tensor([1.0, -0.5])
+    rewards = shaped_rewards(scores, kl * mask, mask, beta=0.1)
+    expected = torch.tensor([[0, -0.02, 0.01, -0.04 + 0.9, 0], [0, 0, 0, -0.1, -0.2 + 0.9 * -0.5]])
+    assert torch.allclose(rewards, expected)
+    # γ = 1: the return at the first response token is (1-β)·r - β·Σ kl, the objective
+    returns = returns_to_go(rewards, mask)
+    assert returns[0, 1].item() == pytest.approx(0.9 * 1.0 - 0.1 * 0.5)
+    assert returns[1, 2].item() == pytest.approx(0.9 * -0.5 - 0.1 * 3.0)
+    assert returns[0, 4].item() == 0.0 and returns[1, 0].item() == 0.0
+
+
+def test_gae_on_a_small_hand_example() -> None:
+    # one response of 3 tokens after a 1-token prompt; γ = 0.9, λ = 0.5
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0]])
+    rewards = torch.tensor([[0.0, 0.0, -0.1, 1.0]])
+    values = torch.tensor([[5.0, 0.5, 0.4, 0.8]])
+    # δ3 = 1 - 0.8 = 0.2; δ2 = -0.1 + 0.9·0.8 - 0.4 = 0.22; δ1 = 0 + 0.9·0.4 - 0.5 = -0.14
+    # A3 = 0.2; A2 = 0.22 + 0.45·0.2 = 0.31; A1 = -0.14 + 0.45·0.31 = -0.0005
+    advantages, returns = gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    assert torch.allclose(advantages, torch.tensor([[0.0, -0.0005, 0.31, 0.2]]), atol=1e-6)
+    assert torch.allclose(returns, torch.tensor([[0.0, 0.4995, 0.71, 1.0]]), atol=1e-6)
+    # λ = 1, γ = 1: GAE is the Monte Carlo return minus V (REINFORCE with a baseline)
+    advantages, _ = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    assert torch.allclose(advantages[0, 1:], returns_to_go(rewards, mask)[0, 1:] - values[0, 1:])
+
+
+@pytest.mark.parametrize(
+    ("ratio", "advantage", "expected_loss", "clipped"),
+    [
+        (1.1, 2.0, -2.2, False),  # inside the range: -A·ρ
+        (1.5, 2.0, -2.4, True),  # A > 0, ρ above 1+ε: the gain is capped at (1+ε)·A
+        (0.5, 2.0, -1.0, False),  # A > 0, ρ below 1-ε: the unclipped (worse) term counts
+        (0.5, -2.0, 1.6, True),  # A < 0, ρ below 1-ε: capped at (1-ε)·A
+        (1.5, -2.0, 3.0, False),  # A < 0, ρ above 1+ε: the unclipped (worse) term counts
+        (0.9, -2.0, 1.8, False),  # inside the range
+    ],
+)
+def test_ppo_clipped_objective(ratio: float, advantage: float, expected_loss: float, clipped: bool) -> None:
+    old = torch.tensor([[-1.0]])
+    logp = old + math.log(ratio)
+    loss, clip_fraction = ppo_policy_loss(logp, old, torch.tensor([[advantage]]), torch.ones(1, 1), clip=0.2)
+    assert loss.item() == pytest.approx(expected_loss, abs=1e-5)
+    assert clip_fraction.item() == float(clipped)
+
+
+def test_online_dpo_pairs_the_best_and_worst_sample_of_each_prompt() -> None:
+    scores = torch.tensor([0.1, 0.9, -0.5, 0.3, 0.3, 0.3])  # k = 3; the second prompt all ties
+    chosen, rejected, valid = best_worst_pairs(scores, 3)
+    assert chosen[0].item() == 1 and rejected[0].item() == 2 and valid.tolist() == [1.0, 0.0]
+    policy, ref = (
+        torch.tensor([-1.0, -2.0, -3.0, 0.0, 0.0, 0.0]),
+        torch.tensor([-1.5, -2.5, -2.0, 9.0, 9.0, 9.0]),
+    )
+    # Δ = (-2 + 2.5) - (-3 + 2) = 1.5; loss = -log σ(0.1·1.5), the tied prompt left out
+    loss = dpo_loss(policy, ref, chosen, rejected, valid, beta=0.1)
+    assert loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.15))))
+
+
+def test_value_loss_with_clipping_takes_the_worse_error() -> None:
+    mask, returns, old = torch.ones(1, 2), torch.tensor([[1.0, 1.0]]), torch.tensor([[0.0, 0.0]])
+    values = torch.tensor([[0.5, 2.0]])
+    # unclipped: 0.25, 1.0; clipped to old ± 0.2: (0.2-1)² = 0.64, (0.2-1)² = 0.64 -> max 0.64, 1.0
+    assert value_loss(values, old, returns, mask, None).item() == pytest.approx(0.5 * (0.25 + 1.0) / 2)
+    assert value_loss(values, old, returns, mask, 0.2).item() == pytest.approx(0.5 * (0.64 + 1.0) / 2)
+
+
+def test_pairwise_reward_is_each_samples_win_rate_against_the_others_of_its_prompt() -> None:
+    judge = ScriptedJudge(keyword="x", k=1.0)  # P(first wins) = σ(count difference)
+    texts = ["x x", "x", "", "x", "x"]  # k = 3 for prompt p, k = ... (two groups below)
+    win = pairwise_win_rates(judge, ["p"] * 3 + ["q"] * 3, [*texts[:3], "x", "x", "x"], 3)
+    s1, s2 = 1 / (1 + math.exp(-1)), 1 / (1 + math.exp(-2))
+    assert win[:3] == pytest.approx([(s1 + s2) / 2, ((1 - s1) + s1) / 2, ((1 - s2) + (1 - s1)) / 2])
+    assert win[3:] == pytest.approx([0.5, 0.5, 0.5])  # equal responses: a coin flip each
+
+
+# ---------------------------------------------------------------- training on CPU
+
+
+def starts_with_vowel(text: str) -> bool:
+    return text[:1].lower() in "aeiou"
+
+
+class VowelJudge(ScriptedJudge):
+    """Scripted d-RLAIF scorer (+1 for a response starting with a vowel, -1 otherwise) and a
+    pairwise judge preferring such responses; `fail_at_call` raises (an interruption)."""
+
+    def __init__(self, nan: bool = False, fail_at_call: int | None = None) -> None:
+        super().__init__(keyword="vowel")
+        self.nan, self.fail_at_call, self.calls = nan, fail_at_call, 0
+
+    def score_responses(self, items: Sequence[tuple[str, str]]) -> list[ScoreJudgment]:
+        self.calls += 1
+        if self.fail_at_call is not None and self.calls >= self.fail_at_call:
+            raise KeyboardInterrupt("interrupted")
+        if self.nan:
+            return [ScoreJudgment(score=math.nan) for _ in items]
+        return [ScoreJudgment(score=1.0 if starts_with_vowel(r) else -1.0) for _, r in items]
+
+    def judge_orders(self, items: Sequence[OrderedPair]) -> list[OrderJudgment]:
+        diff = [starts_with_vowel(i.first) - starts_with_vowel(i.second) for i in items]
+        return [OrderJudgment(p_first=1 / (1 + math.exp(-3.0 * d))) for d in diff]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Any:
+    """Tiny models gain nothing from more threads, and on a loaded machine spinning OpenMP
+    threads made these runs 20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    rows = [{"id": r["id"], "prompt": r["prompt"]} for r in sft_rows(64)]
+    return write(tmp_path_factory.mktemp("rl") / "prompts.jsonl", rows)
+
+
+def rl_config(model: Path, data: Path, out: Path, **overrides: Any) -> RLConfig:
+    settings: dict[str, Any] = dict(
+        model=str(model), data=str(data), output_dir=str(out), reward={"type": "judge_score", "judge": "scripted"},
+        num_samples=4, batch_size=8, max_new_tokens=3, learning_rate=1e-2, lr_schedule="constant",
+        whiten_advantages=True, max_steps=16, save_every=100, mixed_precision="no", tensorboard=False,
+    )  # fmt: skip
+    return RLConfig(**(settings | overrides))
+
+
+def metric_rows(out: Path) -> list[dict[str, float]]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+KL_BOUND = 12.0  # nats per response (3 tokens) after 16 steps
+# online DPO gets one pair per prompt (none where all K samples tie), so it learns slower at 1e-2
+SETTINGS: dict[str, dict[str, Any]] = {"online_dpo": {"learning_rate": 3e-2, "dpo_beta": 0.5}}
+
+
+@pytest.mark.parametrize("algorithm", ["reinforce", "rloo", "ppo", "online_dpo"])
+def test_each_algorithm_raises_the_d_rlaif_score_with_bounded_kl(
+    algorithm: str, tiny_gpt2: Path, prompts: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / algorithm
+    config = rl_config(tiny_gpt2, prompts, out, algorithm=algorithm, **SETTINGS.get(algorithm, {}))
+    result = train_rl(config, show_progress=False, judge=VowelJudge())
+    rows = metric_rows(out)
+    assert [r["step"] for r in rows] == list(range(1, 17))
+    before = sum(r["train/reward_mean"] for r in rows[:4]) / 4
+    after = sum(r["train/reward_mean"] for r in rows[-4:]) / 4
+    print(f"{algorithm}: reward {before:.3f} -> {after:.3f}, max KL {max(r['train/kl'] for r in rows):.2f}")
+    assert after > before + 0.4, (before, after)
+    assert max(r["train/kl"] for r in rows) < KL_BOUND
+    for key in ("reward_std", "kl", "entropy", "response_length", "loss", "policy_loss", "learning_rate",
+                "samples_per_s", "tokens_per_s", "objective"):  # fmt: skip
+        assert all(math.isfinite(r[f"train/{key}"]) for r in rows), key
+    assert rows[0]["train/response_length"] <= 3
+    assert (result.model_dir / "model.safetensors").exists()
+    if algorithm in ("reinforce", "ppo"):
+        assert (out / "value" / "value_head.safetensors").exists()
+
+
+def test_pairwise_judge_reward_raises_the_rate_the_judge_prefers(
+    tiny_gpt2: Path, prompts: Path, tmp_path: Path
+) -> None:
+    from openrlaif.generation import sample
+    from openrlaif.training.common import load_pretrained, load_tokenizer
+
+    config = rl_config(tiny_gpt2, prompts, tmp_path / "pairwise", algorithm="rloo",
+                       reward={"type": "judge_pairwise", "judge": "scripted"})  # fmt: skip
+    result = train_rl(config, show_progress=False, judge=VowelJudge())
+    rows = metric_rows(tmp_path / "pairwise")
+    assert all(r["train/reward_mean"] == pytest.approx(0.5) for r in rows)  # win rates of a group average 1/2
+
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(str(tiny_gpt2))
+    texts = [r["prompt"] for r in sft_rows(16, seed=7)]
+    rate = {}
+    for name, model in (("sft", load_pretrained(AutoModelForCausalLM, str(tiny_gpt2))), ("rl", result.model)):
+        out = sample(model, tokenizer, texts, n=4, max_new_tokens=3, seed=123)
+        rate[name] = sum(starts_with_vowel(s.response_text) for s in out) / len(out)
+    print(f"pairwise: vowel-start rate {rate['sft']:.3f} -> {rate['rl']:.3f}")
+    assert rate["rl"] > rate["sft"] + 0.2, rate
+
+
+def test_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(
+    tiny_gpt2: Path, prompts: Path, tmp_path: Path
+) -> None:
+    settings = dict(algorithm="ppo", max_steps=4, save_every=2, batch_size=2, warmup_ratio=0.5,
+                    lr_schedule="linear")  # fmt: skip
+    full = train_rl(rl_config(tiny_gpt2, prompts, tmp_path / "full", **settings), show_progress=False,
+                    judge=VowelJudge())  # fmt: skip
+    config = rl_config(tiny_gpt2, prompts, tmp_path / "cut", **settings)
+    with pytest.raises(KeyboardInterrupt):  # dies while rewarding step 3, after step 2's checkpoint
+        train_rl(config, show_progress=False, judge=VowelJudge(fail_at_call=3))
+    with pytest.raises(ConfigError, match="--resume"):
+        train_rl(config, show_progress=False, judge=VowelJudge())
+    resumed = train_rl(config, resume=True, show_progress=False, judge=VowelJudge())
+    assert weights_digest(resumed.model) == weights_digest(full.model)
+    value = (tmp_path / "full" / "value" / "model.safetensors").read_bytes()
+    assert (tmp_path / "cut" / "value" / "model.safetensors").read_bytes() == value
+    assert [r["step"] for r in metric_rows(tmp_path / "cut")] == [1, 2, 3, 4]
+
+
+def test_reward_model_source_scores_with_its_own_tokenizer(
+    tiny_gpt2: Path, tiny_llama: Path, prompts: Path, tmp_path: Path
+) -> None:
+    from openrlaif.training.common import load_tokenizer
+    from openrlaif.training.reward import METADATA_FILE, RewardModel, ValueHeadModel
+
+    rm_dir = tmp_path / "rm"  # an untrained value-head reward model on the Llama tokenizer
+    torch.manual_seed(0)
+    ValueHeadModel.from_pretrained(str(tiny_llama)).save_pretrained(rm_dir)
+    load_tokenizer(str(tiny_llama)).save_pretrained(rm_dir)
+    (rm_dir / METADATA_FILE).write_text(json.dumps({"model_type": "causal_lm_value_head", "max_length": 64}))
+    out = tmp_path / "rl-rm"
+    config = rl_config(tiny_gpt2, prompts, out, max_steps=2, batch_size=2,
+                       reward={"type": "reward_model", "path": str(rm_dir)})  # fmt: skip
+    train_rl(config, show_progress=False)
+    rows = metric_rows(out)
+    assert len(rows) == 2 and all(math.isfinite(r["train/reward_mean"]) for r in rows)
+    # the logged reward is the reward model's score of the decoded samples
+    rm = RewardModel.from_pretrained(rm_dir)
+    assert rm.score(["p"], ["hello"]).shape == (1,)
+    assert rows[0]["train/reward_std"] > 0
+
+
+def test_non_finite_reward_stops_naming_the_step_and_the_quantity(
+    tiny_gpt2: Path, prompts: Path, tmp_path: Path
+) -> None:
+    config = rl_config(tiny_gpt2, prompts, tmp_path / "nan", max_steps=2, batch_size=2)
+    with pytest.raises(TrainingError, match=r"^step 1: reward is nan \(no checkpoint was written"):
+        train_rl(config, show_progress=False, judge=VowelJudge(nan=True))
+
+
+def test_config_errors_and_the_shipped_config(tiny_gpt2: Path, prompts: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="rloo needs num_samples >= 2"):
+        rl_config(tiny_gpt2, prompts, tmp_path, algorithm="rloo", num_samples=1)
+    with pytest.raises(ValueError, match="reward_model needs `path`"):
+        rl_config(tiny_gpt2, prompts, tmp_path, reward={"type": "reward_model"})
+    with pytest.raises(ValueError, match="grad_accum_steps must be 1"):
+        rl_config(tiny_gpt2, prompts, tmp_path, grad_accum_steps=2)
+    shipped = load_train_config(resolve_train_config_path("rl-tiny"), RLConfig)
+    assert (shipped.algorithm, shipped.beta, shipped.temperature) == ("reinforce", 0.05, 0.9)
+    assert shipped.reward.type == "judge_score"
