@@ -7,6 +7,8 @@ after the other in the same processes (the start-up is the slow part on a CPU). 
 writes `rank{r}.json` into the run's output_dir: the SHA-256 of its final weights, its step count
 and held-out metrics. The trainer itself writes `example_ids.rank{r}.jsonl` (the config sets
 `record_example_ids: true`), so the test can check that the processes saw different examples.
+For RL the record also holds `value_sha256`, the digest of this process's value model when the
+trainer saves it (RL's TrainResult carries the policy only).
 """
 
 from __future__ import annotations
@@ -15,17 +17,26 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
-from openrlaif.training import TRAINERS
-from openrlaif.training.common import load_train_config, weights_digest
+from openrlaif.training import TRAINERS, rl
+from openrlaif.training.common import load_train_config, save_model_folder, weights_digest
 
 
 def main(jobs: list[str]) -> None:
     rank = int(os.environ.get("RANK", "0"))
+    saved: dict[str, str] = {}  # folder name -> this process's digest of the model saved there
+
+    def recording_save(accelerator: Any, model: Any, tokenizer: Any, directory: Path) -> None:
+        saved[Path(directory).name] = weights_digest(accelerator.unwrap_model(model))
+        save_model_folder(accelerator, model, tokenizer, directory)
+
+    rl.save_model_folder = recording_save  # every process calls it (a collective), the main one writes
     for job in jobs:
         algorithm, _, config_path = job.partition(":")
         config_class, train = TRAINERS[algorithm]
         config = load_train_config(config_path, config_class)
+        saved.clear()
         result = train(config, show_progress=False)
         record = {
             "world_size": int(os.environ.get("WORLD_SIZE", "1")),
@@ -33,6 +44,8 @@ def main(jobs: list[str]) -> None:
             "steps": result.steps,
             "metrics": result.metrics,
         }
+        if "value" in saved:
+            record["value_sha256"] = saved["value"]
         (Path(config.output_dir) / f"rank{rank}.json").write_text(json.dumps(record), encoding="utf-8")
 
 

@@ -31,6 +31,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _launch_two_processes(jobs: list[str], tmp_path: Path) -> None:
+    env = {
+        **os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+        "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+    }  # fmt: skip
+    command = [
+        str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        str(WORKER), *jobs,
+    ]  # fmt: skip
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
 def test_two_processes_see_different_data_and_end_with_identical_weights(
     tiny_gpt2: Path, tiny_llama: Path, tmp_path: Path
 ) -> None:
@@ -58,17 +72,7 @@ def test_two_processes_see_different_data_and_end_with_identical_weights(
         config.write_text(yaml.safe_dump(settings), encoding="utf-8")
         jobs.append(f"{algorithm}:{config}")
 
-    env = {
-        **os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
-        "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-    }  # fmt: skip
-    command = [
-        str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-        str(WORKER), *jobs,
-    ]  # fmt: skip
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    _launch_two_processes(jobs, tmp_path)
 
     for algorithm, settings in runs.items():
         out = Path(settings["output_dir"])
@@ -111,6 +115,64 @@ def test_two_processes_see_different_data_and_end_with_identical_weights(
             assert weights_digest(saved.body) != weights_digest(initial.body), algorithm
         assert weights_digest(saved) == ranks[0]["sha256"], algorithm
         assert weights_digest(initial) != ranks[0]["sha256"], algorithm
+
+
+def test_rl_reinforce_on_two_processes_shards_prompts_and_keeps_policy_and_value_model_identical(
+    tiny_gpt2: Path, tmp_path: Path
+) -> None:
+    """REINFORCE with its value model, rewarded by a (random, untrained) reward model: two models
+    under DDP on one optimizer; each process samples its own prompts with its own seeds."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from openrlaif.training.common import load_tokenizer
+    from openrlaif.training.reward import METADATA_FILE, ValueHeadModel
+    from openrlaif.training.rl import TokenValueModel
+
+    prompts = write(
+        tmp_path / "prompts.jsonl", [{"id": r["id"], "prompt": r["prompt"]} for r in sft_rows(32)]
+    )
+    rm_dir = tmp_path / "rm"  # a reward source a YAML file can name (a Python judge cannot cross processes)
+    torch.manual_seed(0)
+    ValueHeadModel.from_pretrained(str(tiny_gpt2)).save_pretrained(rm_dir)
+    load_tokenizer(str(tiny_gpt2)).save_pretrained(rm_dir)
+    (rm_dir / METADATA_FILE).write_text(json.dumps({"model_type": "causal_lm_value_head", "max_length": 64}))
+    out = tmp_path / "rl"
+    settings = dict(
+        model=str(tiny_gpt2), data=str(prompts), output_dir=str(out), algorithm="reinforce",
+        reward={"type": "reward_model", "path": str(rm_dir)}, num_samples=2, batch_size=2,
+        max_new_tokens=3, learning_rate=1e-2, max_steps=3, save_every=2, mixed_precision="no",
+        record_example_ids=True, tensorboard=False,
+    )  # fmt: skip
+    config = tmp_path / "rl.yaml"
+    config.write_text(yaml.safe_dump(settings), encoding="utf-8")
+    _launch_two_processes([f"rl:{config}"], tmp_path)
+
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert [r["steps"] for r in ranks] == [3, 3]
+    ids = [
+        [json.loads(x) for x in (out / f"example_ids.rank{r}.jsonl").read_text().splitlines()]
+        for r in range(2)
+    ]
+    assert [row["step"] for row in ids[0]] == [row["step"] for row in ids[1]] == [1, 2, 3]
+    for row0, row1 in zip(*ids, strict=True):  # ids are "{prompt id}-{sample}", K = 2 per prompt
+        prompts0, prompts1 = ({i.rsplit("-", 1)[0] for i in row["ids"]} for row in (row0, row1))
+        assert len(row0["ids"]) == len(row1["ids"]) == 4 and len(prompts0) == len(prompts1) == 2
+        assert not prompts0 & prompts1, f"step {row0['step']}: both processes took the same prompts"
+
+    # identical policies and value models on both processes, equal to the saved ones, and trained
+    assert ranks[0]["sha256"] == ranks[1]["sha256"], "the processes' policies differ"
+    assert ranks[0]["value_sha256"] == ranks[1]["value_sha256"], "the processes' value models differ"
+    assert weights_digest(AutoModelForCausalLM.from_pretrained(out / "model")) == ranks[0]["sha256"]
+    assert weights_digest(AutoModelForCausalLM.from_pretrained(tiny_gpt2)) != ranks[0]["sha256"]
+    saved_value = TokenValueModel.from_pretrained(str(out / "value"))
+    assert weights_digest(saved_value) == ranks[0]["value_sha256"]
+    initial_value = TokenValueModel.from_pretrained(str(tiny_gpt2))
+    assert weights_digest(saved_value.body) != weights_digest(initial_value.body)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["train/value_loss"] > 0 for r in rows)
 
 
 @pytest.fixture(autouse=True)
