@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from openrlaif.errors import OpenRLAIFError
+from openrlaif.evaluation.commands import cmd_eval, cmd_human
+from openrlaif.evaluation.report import add_report_command, cmd_report
 
 DEFAULT_JUDGE = "embedding-harmless"
 PAPER_NOTE = "RLAIF paper's best labeler on harmless: 72.1%; human inter-annotator agreement: 73-77%"
@@ -115,11 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_generate_command(sub)
 
-    p = sub.add_parser(
-        "quickstart", help="offline demo: measure the default judge on the shipped human labels"
-    )
-    p.add_argument("--out-dir", default="runs/quickstart", help="where outputs go (default: runs/quickstart)")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N pairs")
+    from openrlaif.distill import add_distill_command
+    from openrlaif.pipeline.commands import add_pipeline_commands
+
+    add_distill_command(sub)
+    add_pipeline_commands(sub)
+
+    from openrlaif.evaluation.commands import add_eval_commands
+
+    add_eval_commands(sub)
+    add_report_command(sub)
     return parser
 
 
@@ -306,25 +313,6 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_quickstart(args: argparse.Namespace) -> int:
-    out_dir = Path(args.out_dir)
-    print(
-        f"openrlaif quickstart: the offline default judge ({DEFAULT_JUDGE}) labels the shipped HH-RLHF harmless"
-    )
-    print("pairs in both orders and is measured against the human labels.")
-    metrics = run_align("hh-harmless", DEFAULT_JUDGE, out_dir / "align.json", limit=args.limit)
-    print_alignment_table(metrics, f"AI labeler alignment: {DEFAULT_JUDGE} on hh-harmless")
-    held_out = _held_out_alignment(metrics["labels"])
-    if held_out is not None:
-        print(
-            f"The default judge's rubric was picked on source lines 1-{TUNING_LINES}; on the {held_out['pairs']} pairs "
-            f"after them its alignment is {_pct(held_out['alignment'])}. It is a weak, order-blind embedding scorer, "
-            "not an LLM: run `openrlaif align --judge <an hf or openai judge>` for real labels."
-        )
-    print(f"metrics -> {out_dir / 'align.json'}; labels -> {metrics['labels']}")
-    return 0
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from openrlaif.training import TRAINERS
     from openrlaif.training.common import format_metrics, load_train_config, resolve_train_config_path
@@ -343,18 +331,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-TUNING_LINES = 600  # the default judge's rubric was chosen on these hh-harmless source lines
-
-
-def _held_out_alignment(labels_path: str) -> dict[str, Any] | None:
-    from openrlaif.labeling import alignment_metrics, load_labeled
-
-    held_out = [x for x in load_labeled(labels_path) if int(x.id.rsplit("-", 1)[-1]) > TUNING_LINES]
-    return alignment_metrics(held_out) if held_out else None
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     from openrlaif.generation import cmd_generate as run
+
+    return run(args)
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from openrlaif.distill import cmd_distill as run
+
+    return run(args)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from openrlaif.pipeline.commands import cmd_run as run
+
+    return run(args)
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from openrlaif.pipeline.commands import cmd_quickstart as run
 
     return run(args)
 
@@ -362,6 +358,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 COMMANDS = {
     "label": cmd_label, "align": cmd_align, "score": cmd_score, "judges": cmd_judges,
     "datasets": cmd_datasets, "quickstart": cmd_quickstart, "train": cmd_train, "generate": cmd_generate,
+    "distill": cmd_distill, "run": cmd_run, "eval": cmd_eval, "human": cmd_human,
+    "report": cmd_report,
 }  # fmt: skip
 
 

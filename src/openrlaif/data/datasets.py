@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from openrlaif.data.io import ReadResult, read_pairs
 from openrlaif.data.records import Pair
@@ -49,3 +50,19 @@ def load_pairs(name_or_path: str, skip_invalid: bool = False, limit: int | None 
     if limit is not None:
         result.records = result.records[:limit]
     return result
+
+
+# The one train/eval split of `hh-harmless`, shared by every stage that trains on it (the shipped
+# base policy `builtin:hh-tiny-gpt`, SFT, reward model, RL) and by evaluation: source lines
+# 1-1200 train, lines 1201-1800 are held out, so evaluation prompts are never trained on.
+HH_HARMLESS_TRAIN_LINES = 1200
+
+
+def hh_harmless_split(part: Literal["train", "eval"]) -> list[Pair]:
+    """The usable `hh-harmless` pairs of one part: "train" = source lines 1-1200 (1,196 pairs),
+    "eval" = lines 1201-1800 (598 pairs). Ids are `hh-harmless-<source line>`."""
+    if part not in ("train", "eval"):
+        raise ValueError(f"part must be 'train' or 'eval', got {part!r}")
+    pairs = load_pairs("hh-harmless").records
+    in_train = [int(p.id.removeprefix("hh-harmless-")) <= HH_HARMLESS_TRAIN_LINES for p in pairs]
+    return [p for p, train in zip(pairs, in_train, strict=True) if train == (part == "train")]

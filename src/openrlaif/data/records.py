@@ -7,7 +7,7 @@ Parsing from raw dicts lives in `data/io.py`, where file and line are known for 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
@@ -100,7 +100,10 @@ class LabeledPair:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LabeledPair:
-        keep = {k: v for k, v in d.items() if k not in ("chosen", "rejected", "p_chosen", "judge")}
+        # derived columns (chosen/rejected/p_chosen) and extra ones (a human label import's
+        # `ai_p_a`, `label_source`) are not fields of the record
+        names = {f.name for f in fields(cls) if f.init} - {"judge"}
+        keep = {k: v for k, v in d.items() if k in names}
         return cls(judge=JudgeIdentity(**d["judge"]), **keep)
 
 

@@ -1,0 +1,127 @@
+"""Data references (in pipeline configs and on the command line), resolved to rows.
+
+A reference is a file path, a built-in dataset (`hh-harmless`), or one of its parts, optionally
+followed by a row range (`hh-harmless:train[0:120]`, `hh-harmless:train[120:]`):
+`hh-harmless:train` (source lines 1-1200) and `hh-harmless:eval` (the lines after; see
+`openrlaif.data.datasets.hh_harmless_split`), so that the
+prompts a run evaluates on were never trained on (the shipped base policy, too, was pretrained
+on the train part only). Prompts are distinct (a repeated prompt is kept once), and the eval
+part leaves out any prompt the train part also has. The pipeline writes the rows to ordinary
+JSONL files in the run directory, so each stage can be re-run alone with the `openrlaif` command
+that does the same job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+
+from openrlaif.data.datasets import BUILTIN_DATASETS, hh_harmless_split, load_pairs
+from openrlaif.data.io import read_pairs, read_prompts, read_records, write_records
+from openrlaif.data.records import Pair, PromptRecord
+from openrlaif.errors import ConfigError
+
+PARTS = ("train", "eval")
+
+
+_SLICE = re.compile(r"^(?P<ref>.+)\[(?P<start>\d*):(?P<stop>\d*)\]$")
+
+
+def split_slice(ref: str) -> tuple[str, slice]:
+    """`hh-harmless:train[0:120]` -> ("hh-harmless:train", slice(0, 120)): rows by position."""
+    match = _SLICE.match(ref)
+    if match is None:
+        return ref, slice(None)
+    start, stop = (int(match[k]) if match[k] else None for k in ("start", "stop"))
+    return match["ref"], slice(start, stop)
+
+
+def _builtin_pairs(ref: str) -> list[Pair] | None:
+    name, _, part = ref.partition(":")
+    if name not in BUILTIN_DATASETS:
+        return None
+    if part and part not in PARTS:
+        raise ConfigError(f"{ref!r}: unknown part {part!r} of {name} (parts: {', '.join(PARTS)})")
+    if not part:
+        return load_pairs(name).records
+    if name != "hh-harmless":
+        raise ConfigError(f"{ref!r}: {name} has no train/eval parts")
+    return hh_harmless_split(part)  # type: ignore[arg-type]
+
+
+def _missing(ref: str, what: str) -> ConfigError:
+    names = ", ".join(f"{n}, {n}:train, {n}:eval" for n in sorted(BUILTIN_DATASETS))
+    return ConfigError(f"{what}: {ref!r} is neither a file nor a built-in dataset ({names})")
+
+
+def data_fingerprint(ref: str) -> str:
+    """What a stage's fingerprint records of its data: the name of built-in data, the content
+    hash of a file (so editing the file re-runs the stages that read it)."""
+    base, _ = split_slice(ref)
+    if base.partition(":")[0] in BUILTIN_DATASETS:
+        return ref
+    path = Path(base)
+    if path.is_file():
+        return f"{ref}#sha256:{hashlib.sha256(path.read_bytes()).hexdigest()}"
+    return ref
+
+
+def prompt_rows(ref: str, limit: int | None, what: str) -> list[dict[str, Any]]:
+    ref, part = split_slice(ref)
+    pairs = _builtin_pairs(ref)
+    if pairs is not None:
+        trained_on = {p.prompt for p in hh_harmless_split("train")} if ref.endswith(":eval") else set()
+        distinct = {p.prompt: p.id for p in reversed(pairs) if p.prompt not in trained_on}  # first id wins
+        rows = [{"id": p.id, "prompt": p.prompt} for p in pairs if distinct.get(p.prompt) == p.id]
+    elif Path(ref).is_file():
+        rows = [r.to_dict() for r in read_prompts(ref).records]
+    else:
+        raise _missing(ref, what)
+    rows = rows[part]
+    return rows[:limit] if limit is not None else rows
+
+
+def demonstration_rows(ref: str, limit: int | None, what: str) -> list[dict[str, Any]]:
+    """SFT data: prompt + completion (for a built-in dataset, the reply people chose)."""
+    ref, part = split_slice(ref)
+    pairs = _builtin_pairs(ref)
+    if pairs is not None:
+        rows = [{"id": p.id, "prompt": p.prompt, "completion": p.response_a} for p in pairs]
+    elif Path(ref).is_file():
+        from openrlaif.training.sft import parse_sft_row
+
+        rows = [
+            {"id": e.id, "prompt": e.prompt, "completion": e.completion}
+            for e in read_records(ref, parse_sft_row).records
+        ]
+    else:
+        raise _missing(ref, what)
+    rows = rows[part]
+    return rows[:limit] if limit is not None else rows
+
+
+def pair_rows(ref: str, limit: int | None, what: str) -> list[dict[str, Any]]:
+    """Pairs with human labels (P(A preferred)), for measuring the judge."""
+    ref, part = split_slice(ref)
+    pairs = _builtin_pairs(ref)
+    if pairs is None:
+        if not Path(ref).is_file():
+            raise _missing(ref, what)
+        pairs = read_pairs(ref).records
+    rows = [p.to_dict() for p in pairs]
+    rows = rows[part]
+    return rows[:limit] if limit is not None else rows
+
+
+def materialize(rows: list[dict[str, Any]], out: Path, what: str) -> Path:
+    if not rows:
+        raise ConfigError(f"{what}: no rows")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_records(out, rows)
+    return out
+
+
+def prompt_records(ref: str, limit: int | None = None, what: str = "prompts") -> list[PromptRecord]:
+    return [PromptRecord(r["id"], r["prompt"]) for r in prompt_rows(ref, limit, what)]
