@@ -18,25 +18,39 @@ step: `save_every` = steps), no logging backends (TRL `report_to="none"`, openrl
 `tensorboard=False`; openrlaif still writes one metrics.jsonl row per step, which is where its
 rates are read from).
 
+Both run with gradient checkpointing in the training forward (TRL's `RLOOConfig` default and
+openrlaif's RL default; `--gradient-checkpointing off` turns it off for both): each transformer
+layer keeps only its input, and runs again in the backward. Both compute log-probs (and the LM
+head) at the response positions only (TRL: its fused chunked LM head; openrlaif:
+`logits_to_keep` over left-padded prompts), and both compute the token entropy in the training
+forward. Both use the first-order per-token KL estimate log π - log π_ref summed over the
+response as a sequence-level reward penalty. Neither uses a value model.
+
 Differences in work that remain:
-- Both run three forwards of the policy-sized model per step: the old-policy log-probs (no grad),
-  the reference log-probs (no grad) and the training forward with backward; both use the
-  first-order per-token KL estimate log π - log π_ref summed over the response, as a
-  sequence-level reward penalty. openrlaif's return is (1-β)·r - β·KL, TRL's r - β·KL (a scale
-  on r, no difference in work).
+- GELU: openrlaif computes GPT-2's `gelu_new` with PyTorch's fused tanh-GELU kernel (its
+  `fused_activations` setting, on by default: the same function, float rounding apart, in one
+  kernel that keeps one tensor for the backward instead of eight element-wise operations that
+  keep theirs); TRL runs transformers' `gelu_new` as written. `--fused-gelu off` makes openrlaif
+  run `gelu_new` too.
+- Forwards per step: TRL runs three passes of the policy-sized model (old-policy log-probs and
+  reference log-probs, both without gradient, then the training forward); openrlaif runs two
+  (reference, training forward): with one update per rollout its training forward has the same
+  weights and inputs as an old-policy pass, so it takes the old log-probs from it (detached).
+- Generation: each side uses its own generation code (openrlaif `generation.sample`, TRL
+  `model.generate`, both Hugging Face `generate` with a dynamic KV cache). openrlaif encodes each
+  prompt once for its K samples and copies the prompt's KV cache to them; TRL encodes all
+  prompts x K rows. Response lengths follow from the random policy and differ slightly.
 - Loss: openrlaif's RLOO loss is -A_i · Σ_t log π(y_i,t) (REINFORCE with the leave-one-out
   baseline); TRL's is the clipped importance-ratio objective on sequence log-probs (ratio 1 with
-  `num_iterations` 1) and it gathers more metrics (clip ratios, completion length statistics).
-  Both compute the token entropy in the training forward.
-- Neither uses a value model (RLOO has none).
-- Sampling: each side uses its own generation code (openrlaif `generation.sample`, TRL
-  `model.generate`); response lengths follow from the random policy and differ slightly.
+  `num_iterations` 1), and it divides its logits by the temperature for its log-probs (no
+  difference in work), and gathers more metrics (clip ratios, completion length statistics).
+  openrlaif's return is (1-β)·r - β·KL, TRL's r - β·KL (a scale on r, no difference in work).
 
 TRL is a benchmark-only dependency: `pip install -e '.[bench]'` (or `pip install trl`).
 
     .venv/bin/python benchmarks/bench_rl_vs_trl.py [--prompts 64] [--prompt-tokens 128] [--k 4]
         [--batch-size 8] [--max-new-tokens 32] [--steps 10] [--warmup 2] [--threads 2]
-        [--runs trl,ours,trl,ours]
+        [--gradient-checkpointing on|off] [--fused-gelu on|off] [--runs trl,ours,trl,ours]
 """
 
 from __future__ import annotations
@@ -103,6 +117,7 @@ def run_ours(model: Path, prompts: Path, out: Path, args: argparse.Namespace) ->
         generation_batch_size=args.batch_size * args.k, learning_rate=LEARNING_RATE, lr_schedule="constant",
         warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0, mixed_precision="no", tensorboard=False,
         save_every=args.steps, log_every=1, chat_template="off", seed=0,
+        gradient_checkpointing=args.gradient_checkpointing == "on", fused_activations=args.fused_gelu == "on",
     )  # fmt: skip
     train_rl(config, show_progress=False, judge=CountJudge())
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -133,7 +148,7 @@ def run_trl(model_path: Path, prompts: Path, out: Path, args: argparse.Namespace
         temperature=TEMPERATURE, top_p=1.0, beta=BETA, learning_rate=LEARNING_RATE, lr_scheduler_type="constant",
         warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, save_strategy="no", eval_strategy="no",
         logging_steps=10_000, report_to="none", use_cpu=True, bf16=False, fp16=False, dataloader_num_workers=0,
-        seed=0, disable_tqdm=True, log_completions=False,
+        seed=0, disable_tqdm=True, log_completions=False, gradient_checkpointing=args.gradient_checkpointing == "on",
     )  # fmt: skip
 
     ends: list[float] = []
@@ -187,6 +202,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--gradient-checkpointing", choices=["on", "off"], default="on",
+                        help="for both (on: TRL's RLOOConfig default and openrlaif's)")  # fmt: skip
+    parser.add_argument("--fused-gelu", choices=["on", "off"], default="on",
+                        help="openrlaif's fused_activations (off: both run transformers' gelu_new)")  # fmt: skip
     parser.add_argument("--runs", default="trl,ours,trl,ours", help="comma-separated: ours, trl (may repeat)")
     parser.add_argument("--side", choices=["ours", "trl"], help=argparse.SUPPRESS)  # internal: one child run
     parser.add_argument("--root", help=argparse.SUPPRESS)
@@ -204,7 +223,8 @@ def main() -> None:
         print(
             f"{args.prompts} hh-harmless prompts (last {args.prompt_tokens} tokens), {args.batch_size} prompts x "
             f"K {args.k} per step, {args.max_new_tokens} new tokens, temperature {TEMPERATURE}, {args.steps} steps "
-            f"({args.warmup} warm-up not timed), {args.threads} threads, float32"
+            f"({args.warmup} warm-up not timed), {args.threads} threads, float32, gradient checkpointing "
+            f"{args.gradient_checkpointing}, openrlaif fused GELU {args.fused_gelu}"
         )
         results: dict[str, list[dict[str, float]]] = {}
         passed = [

@@ -8,12 +8,20 @@ Tests start it on 127.0.0.1, port 0 (a real socket), in a background thread:
         ... OpenAIJudge(OpenAIJudgeConfig(model=server.model_name, base_urls=[server.url])) ...
         server.requests[-1].headers["authorization"]
 
-It speaks the parts of the API the judge uses, in the shapes vLLM and OpenAI return:
+It speaks the parts of the API the judge, `openrlaif generate` and RL rollouts use, in the shapes
+vLLM, SGLang and OpenAI return:
 
 - GET  /v1/models
-- POST /v1/completions       prompt, max_tokens, temperature, seed, logprobs=N (top-N per position)
+- POST /v1/completions       prompt (text, or token ids as vLLM takes them), max_tokens, temperature,
+                             seed, logprobs=N (top-N per position); vLLM's return_token_ids (the
+                             choice's `token_ids` and `prompt_token_ids`) and
+                             return_tokens_as_token_ids (log-prob tokens read "token_id:N")
 - POST /v1/chat/completions  messages (the tokenizer's chat template when it has one), logprobs,
                              top_logprobs=N
+- POST /update_weights_from_disk  SGLang's weight reload: {"model_path": DIR} loads the weights of
+                             the Hugging Face folder DIR into the served model (same architecture);
+                             answers {"success", "message", "num_paused_requests"}. `reloads`
+                             records (DIR, weights digest after the load) for each one.
 
 Greedy when temperature == 0, else sampling with a torch generator seeded by `seed`. Top-N may be
 as large as the vocabulary, so a test can read every token's log-probability.
@@ -74,6 +82,15 @@ class LocalLM:
 
     def encode_prompt(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt)["input_ids"])
+
+    def load_weights(self, model_dir: str | Path) -> str:
+        """Replace the served weights by those of `model_dir` (same architecture); returns their digest."""
+        from openrlaif.training.common import weights_digest
+
+        new = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        with self.lock:
+            self.model.load_state_dict(new.state_dict())
+            return weights_digest(self.model)
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """The chat template when the tokenizer has one (it adds its own special tokens), else
@@ -145,6 +162,7 @@ class OpenAITestServer:
         self.retry_after = "0"
         self.error_message = "invalid request"
         self.requests: list[RecordedRequest] = []
+        self.reloads: list[tuple[str, str]] = []  # (model_path, weights digest after the reload)
         self.in_flight = 0
         self.max_in_flight = 0
         self._state = threading.Lock()
@@ -236,27 +254,56 @@ class OpenAITestServer:
     def completions(self, body: dict[str, Any]) -> dict[str, Any]:
         self._check_model(body)
         prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise _BadRequest(400, "prompt must be a string")
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            input_ids, prompt_chars = list(prompt), 0  # token ids, as vLLM takes them
+            if max(input_ids) >= self.lm.vocab_size or min(input_ids) < 0:
+                raise _BadRequest(400, "prompt token id out of the vocabulary")
+        elif isinstance(prompt, str):
+            input_ids, prompt_chars = self.lm.encode_prompt(prompt), len(prompt)
+        else:
+            raise _BadRequest(400, "prompt must be a string or a list of token ids")
         top_n = self._top_n(body.get("logprobs"))
-        gen = self._generate(self.lm.encode_prompt(prompt), body, top_n)
+        gen = self._generate(input_ids, body, top_n)
         logprobs = None
         if body.get("logprobs") is not None:
-            text = [self.lm.token_text[t] for t in gen.token_ids]
-            offsets, at = [], len(prompt)
-            for piece in text:
+            if body.get("return_tokens_as_token_ids"):
+                text = [f"token_id:{t}" for t in gen.token_ids]
+            else:
+                text = [self.lm.token_text[t] for t in gen.token_ids]
+            offsets, at = [], prompt_chars
+            for token in gen.token_ids:
                 offsets.append(at)
-                at += len(piece)
+                at += len(self.lm.token_text[token])
             logprobs = {
                 "tokens": text,
                 "token_logprobs": gen.logprobs,
                 "top_logprobs": [self._top_dict(top) for top in gen.top],
                 "text_offset": offsets,
             }
-        choice = {"index": 0, "text": gen.text, "logprobs": logprobs, "finish_reason": gen.finish_reason}
+        choice: dict[str, Any] = {
+            "index": 0,
+            "text": gen.text,
+            "logprobs": logprobs,
+            "finish_reason": gen.finish_reason,
+        }
+        if body.get("return_token_ids"):  # vLLM's
+            choice |= {"prompt_token_ids": input_ids, "token_ids": gen.token_ids}
         return self._envelope("cmpl", "text_completion", choice, gen)
+
+    def update_weights_from_disk(self, body: dict[str, Any]) -> dict[str, Any]:
+        """SGLang's reload: 200 with success true, or 400 with success false and the reason."""
+        path = body.get("model_path")
+        if not isinstance(path, str) or not (Path(path) / "config.json").exists():
+            raise _BadRequest(400, f"model_path {path!r} is not a model folder")
+        try:
+            digest = self.lm.load_weights(path)
+        except (OSError, RuntimeError, ValueError) as e:
+            raise _BadRequest(400, f"cannot load {path}: {e}") from None
+        with self._state:
+            self.reloads.append((path, digest))
+        return {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
 
     def chat(self, body: dict[str, Any]) -> dict[str, Any]:
         self._check_model(body)
@@ -403,10 +450,15 @@ class _Handler(BaseHTTPRequestHandler):
                 self._json(200, self.owner.completions(body))
             elif route == "/v1/chat/completions":
                 self._json(200, self.owner.chat(body))
+            elif route == "/update_weights_from_disk":
+                self._json(200, self.owner.update_weights_from_disk(body))
             else:
                 self._error(404, f"no route {self.path}")
         except _BadRequest as e:
-            self._error(e.status, e.message)
+            if route == "/update_weights_from_disk":  # SGLang's failure shape
+                self._json(e.status, {"success": False, "message": e.message, "num_paused_requests": 0})
+            else:
+                self._error(e.status, e.message)
 
     def _headers(self) -> dict[str, str]:
         return {k.lower(): v for k, v in self.headers.items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -127,7 +128,9 @@ def test_a_pipeline_killed_mid_stage_resumes_that_stage_and_ends_like_an_uninter
 ) -> None:
     data, uninterrupted = finished_run
     digests = data["digests"]
-    data = {k: copy.deepcopy(v) for k, v in data.items() if k != "digests"} | {"run_dir": str(tmp_path / "run")}
+    data = {k: copy.deepcopy(v) for k, v in data.items() if k != "digests"} | {
+        "run_dir": str(tmp_path / "run")
+    }
     data["eval"]["compare"], data["report"] = [], False
     config = tmp_path / "experiment.yaml"
     config.write_text(yaml.safe_dump(data))
@@ -148,6 +151,33 @@ def test_a_pipeline_killed_mid_stage_resumes_that_stage_and_ends_like_an_uninter
     assert steps(tmp_path / "run") == steps(uninterrupted), "metric rows lost or repeated by the resume"
     assert _digest(tmp_path / "run/sft/model") == digests["sft"]
     assert _digest(tmp_path / "run/rlaif/model") == digests["rlaif"]
+
+
+def test_human_labels_override_the_ai_labels_and_rerun_only_what_learns_from_them(
+    finished_run: tuple[dict[str, Any], Path], tmp_path: Path
+) -> None:
+    """Hybrid feedback: export the least confident pairs, people label them, the run picks it up."""
+    from openrlaif.evaluation.human import export_uncertain
+
+    data, run_dir = finished_run
+    copy_dir = tmp_path / "run"
+    shutil.copytree(run_dir, copy_dir)
+    data = {k: copy.deepcopy(v) for k, v in data.items() if k != "digests"} | {"run_dir": str(copy_dir)}
+    _run(data)  # back to this config: an earlier test changed settings of the shared run
+    assert _run(data).skipped == STAGES
+
+    filled = tmp_path / "to_label.jsonl"
+    export_uncertain(copy_dir / "labeled.jsonl", filled, n=3)
+    rows = [json.loads(x) for x in filled.read_text().splitlines()]
+    for row, label in zip(rows, ["A", "B", "tie"], strict=True):
+        row["human_label"] = label
+    filled.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data["feedback"]["human_labels"] = str(filled)
+    result = _run(data)
+    assert result.ran[:3] == ["label", "reward_model", "rl:rlaif"] and "sft:sft" in result.skipped
+    labeled = {r["id"]: r for r in map(json.loads, (copy_dir / "labeled.jsonl").read_text().splitlines())}
+    assert [labeled[r["id"]]["p_a"] for r in rows] == [1.0, 0.0, 0.5]
+    assert sum(r["label_source"] == "human" for r in labeled.values()) == 3
 
 
 def test_config_errors_are_one_line_and_name_the_setting(tiny_gpt2: Path, tmp_path: Path) -> None:
@@ -200,3 +230,39 @@ def test_shipped_experiment_templates_validate_and_plan(name: str) -> None:
     assert isinstance(config, PipelineConfig) and config.eval.compare
     stages = [row["stage"] for row in describe_plan(config)]
     assert stages[-1] == "report" and all(f"eval:{a}-vs-{b}" in stages for a, b in config.eval.compare)
+
+
+def shrunk(config: PipelineConfig, run_dir: Path) -> dict[str, Any]:
+    """The same experiment with every size cut to a few steps and prompts (structure unchanged)."""
+    data = config.model_dump(mode="json") | {"run_dir": str(run_dir)}
+    small = {
+        "max_steps": 2,
+        "batch_size": 2,
+        "max_length": 128,
+        "eval_every": 0,
+        "save_every": 2,
+        "tensorboard": False,
+    }
+    for spec in data["policies"].values():
+        spec["settings"] |= small | (
+            {"num_samples": 2, "max_new_tokens": 8} if spec["method"] == "rl" else {}
+        )
+    for teacher in data["teachers"].values():
+        teacher |= {"limit": 8, "max_new_tokens": 8}
+    data["feedback"] |= {"limit": 8, "max_new_tokens": 8}
+    data["feedback"]["reward_model"] |= small | {"eval_fraction": 0.25}
+    data["align"] |= {"limit": 8}
+    data["eval"] |= {"limit": 4, "max_new_tokens": 8}
+    return data
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml")))
+def test_shipped_experiment_templates_run_end_to_end_on_the_tiny_models(name: str, tmp_path: Path) -> None:
+    config = load_pipeline_config(ROOT / "experiments" / f"{name}.yaml")
+    result = _run(shrunk(config, tmp_path / "run"))
+    manifest = _manifest(tmp_path / "run")
+    assert all(s["status"] == "done" for s in manifest.values()) and result.ran == list(manifest)
+    for a, b in config.eval.compare:
+        summary = json.loads((tmp_path / "run" / f"eval/{a}-vs-{b}/eval.json").read_text())
+        assert summary["win_rate"]["n"] == 4
+    assert (tmp_path / "run" / "report.html").exists()

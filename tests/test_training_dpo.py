@@ -98,7 +98,7 @@ def test_dpo_learns_the_rule_near_the_reference_with_precomputed_reference_logpr
 ) -> None:
     config = DPOConfig(
         model=str(tiny_gpt2), data=str(pref_data), output_dir=str(tmp_path / "dpo"), max_steps=15, batch_size=8,
-        learning_rate=2e-3, beta=0.1, eval_every=5, save_every=15, eval_fraction=0.25, mixed_precision="no",
+        learning_rate=1e-3, beta=0.1, eval_every=5, save_every=15, eval_fraction=0.25, mixed_precision="no",
         share_prompt=share_prompt,
     )  # fmt: skip
     result = train_dpo(config, show_progress=False)
@@ -131,6 +131,8 @@ def test_dpo_learns_the_rule_near_the_reference_with_precomputed_reference_logpr
     rows = _rows(tmp_path / "dpo" / "metrics.jsonl")
     train_rows = [r for r in rows if "train/loss" in r]
     assert [r["step"] for r in train_rows] == list(range(1, 16))
+    # dropout off (`disable_dropout`): at step 1 the policy in training mode is still the reference
+    assert train_rows[0]["train/loss"] == pytest.approx(math.log(2.0), abs=1e-5)
     keys = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "accuracy", "learning_rate",
             "samples_per_s", "tokens_per_s")  # fmt: skip
     assert all(f"train/{k}" in r for r in train_rows for k in keys)
@@ -166,11 +168,12 @@ def _config_file(tmp_path: Path, name: str, **settings: Any) -> Path:
 def test_sigkill_then_resume_reuses_reference_logprobs_and_ends_with_uninterrupted_weights(
     tiny_gpt2: Path, pref_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # GPT-2 has dropout: the resumed run matches only if the RNG states come back too
+    # dropout kept on (GPT-2 has it): the resumed run matches only if the RNG states come back too;
+    # batches grouped by length (the default): the grouped order must resume mid-epoch
     settings = dict(
         model=str(tiny_gpt2), data=str(pref_data), max_steps=8, batch_size=4, learning_rate=1e-3,
         warmup_ratio=0.2, eval_every=4, save_every=3, eval_fraction=0.1, limit=100, record_example_ids=True,
-        tensorboard=False, mixed_precision="no",
+        tensorboard=False, mixed_precision="no", disable_dropout=False,
     )  # fmt: skip
     full = train_dpo(DPOConfig(output_dir=str(tmp_path / "full"), **settings), show_progress=False)
     killed = _config_file(tmp_path, "killed", output_dir=str(tmp_path / "killed"), **settings)
@@ -308,3 +311,63 @@ def test_shared_prompt_logprobs_and_gradients_equal_the_concatenated_pass(
     assert collate(examples, torch.zeros(6, 2), tokenizer, 512, share_prompt=True).n_tokens < (
         collate(examples, torch.zeros(6, 2), tokenizer, 512).n_tokens
     )
+
+
+def test_pairs_share_their_prompt_tokens_and_auto_packs_only_models_that_give_the_same_logprobs(
+    tiny_gpt2: Path, tiny_llama: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from openrlaif.training.common import load_tokenizer
+    from openrlaif.training.dpo import PROMPT, packing_matches, resolve_share_prompt, response_logprobs
+
+    tokenizer = load_tokenizer(str(tiny_gpt2))
+    long_prompt = "Human: " + "tell me about the day and the people " * 6 + "\n\nAssistant:"
+    pair = PreferenceExample("x", long_prompt, "good " * 3 + MARKER, "bad " * 12 + "time", 1.0)
+    # too long for 40 tokens: both responses follow the prompt cut for the longer one
+    plain = collate([pair], torch.zeros(1, 2), tokenizer, 40)
+    lengths = plain.attention_mask.sum(-1).tolist()
+    n_prompt = plain.first_label
+    assert (
+        max(lengths) == 40
+        and plain.input_ids[0, :n_prompt].tolist() == plain.input_ids[1, :n_prompt].tolist()
+    )
+    assert (plain.labels[:, :n_prompt] == -100).all() and (
+        plain.labels[1, n_prompt : lengths[1]] != -100
+    ).all()
+    packed = collate([pair], torch.zeros(1, 2), tokenizer, 40, share_prompt=True)
+    assert packed.segments is not None and (packed.segments[0, :n_prompt] == PROMPT).all()
+    assert packed.input_ids.shape[1] == lengths[0] + lengths[1] - n_prompt  # the prompt once
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
+    with torch.no_grad():
+        assert torch.allclose(response_logprobs(model, plain), response_logprobs(model, packed), atol=1e-4)
+
+    # auto: packed rows only where the model gives the plain log-probs with them
+    examples = [
+        PreferenceExample(r["id"], r["prompt"], r["chosen"], r["rejected"], 1.0) for r in preference_rows(4)
+    ]
+    config = DPOConfig(model="m", data="d", output_dir="o", max_length=128)
+    cpu = torch.device("cpu")
+    for path in (tiny_gpt2, tiny_llama):
+        policy = AutoModelForCausalLM.from_pretrained(path)
+        assert resolve_share_prompt(policy, examples, load_tokenizer(str(path)), config, False, cpu) == (
+            True,
+            "",
+        )
+    eager = AutoModelForCausalLM.from_pretrained(tiny_gpt2, attn_implementation="eager")
+    assert resolve_share_prompt(eager, examples, tokenizer, config, False, cpu) == (
+        False, " (share_prompt auto: eager attention takes no packed rows)"
+    )  # fmt: skip
+    assert resolve_share_prompt(
+        eager, examples, tokenizer, config.model_copy(update={"share_prompt": True}), False, cpu
+    )[0]
+
+    # a model that ignores the position ids (e.g. positions from the 2D mask, as ALiBi models) fails the check
+    forward = model.forward
+
+    def without_positions(*args: Any, position_ids: Any = None, **kwargs: Any) -> Any:
+        return forward(*args, **kwargs)
+
+    model.forward = without_positions  # type: ignore[method-assign]
+    assert not packing_matches(model, examples, tokenizer, config, False, cpu)
+    assert resolve_share_prompt(model, examples, tokenizer, config, False, cpu)[0] is False

@@ -4,6 +4,9 @@ values; then learning evidence on CPU with a tiny random GPT-2 and a scripted ju
 The scripted reward: +1 when a response starts with a vowel, -1 otherwise. A random policy
 starts near -0.5 (about a quarter of its tokens start with a vowel); each algorithm must raise
 the mean reward within 16 steps while the KL to the reference stays below a stated bound.
+Gradient accumulation must give the weights of one update of the whole rollout, resuming must be
+exact, and rollouts through an OpenAI-compatible server (a real socket) must come from the
+trainer's current policy, which the server reloads from disk.
 """
 
 from __future__ import annotations
@@ -130,6 +133,22 @@ def test_pairwise_reward_is_each_samples_win_rate_against_the_others_of_its_prom
     assert win[3:] == pytest.approx([0.5, 0.5, 0.5])  # equal responses: a coin flip each
 
 
+def test_fused_gelu_computes_gpt2s_activation(tiny_gpt2: Path) -> None:
+    """`fused_activations` swaps GPT-2's gelu_new for the fused tanh-GELU: the same function."""
+    from transformers import AutoModelForCausalLM
+
+    from openrlaif.training.rl import fuse_activations
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        assert fuse_activations(model) == model.config.n_layer
+        after = model(input_ids=ids).logits
+    assert torch.allclose(before, after, atol=1e-5)
+    assert fuse_activations(model) == 0  # nothing left to swap
+
+
 # ---------------------------------------------------------------- training on CPU
 
 
@@ -188,8 +207,12 @@ def metric_rows(out: Path) -> list[dict[str, float]]:
 
 
 KL_BOUND = 12.0  # nats per response (3 tokens) after 16 steps
-# online DPO gets one pair per prompt (none where all K samples tie), so it learns slower at 1e-2
-SETTINGS: dict[str, dict[str, Any]] = {"online_dpo": {"learning_rate": 3e-2, "dpo_beta": 0.5}}
+# online DPO gets one pair per prompt (none where all K samples tie), so it learns slower at 1e-2;
+# PPO takes 4 optimizer steps per RL step (2 epochs x 2 minibatches), so it moves faster
+SETTINGS: dict[str, dict[str, Any]] = {
+    "online_dpo": {"learning_rate": 3e-2, "dpo_beta": 0.5},
+    "ppo": {"learning_rate": 5e-3},
+}
 
 
 @pytest.mark.parametrize("algorithm", ["reinforce", "rloo", "ppo", "online_dpo"])
@@ -242,8 +265,9 @@ def test_pairwise_judge_reward_raises_the_rate_the_judge_prefers(
 def test_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(
     tiny_gpt2: Path, prompts: Path, tmp_path: Path
 ) -> None:
+    # PPO with its value model, two minibatches of 4 sequences, each accumulated over 2 micro-batches
     settings = dict(algorithm="ppo", max_steps=4, save_every=2, batch_size=2, warmup_ratio=0.5,
-                    lr_schedule="linear")  # fmt: skip
+                    lr_schedule="linear", grad_accum_steps=2)  # fmt: skip
     full = train_rl(rl_config(tiny_gpt2, prompts, tmp_path / "full", **settings), show_progress=False,
                     judge=VowelJudge())  # fmt: skip
     config = rl_config(tiny_gpt2, prompts, tmp_path / "cut", **settings)
@@ -256,6 +280,99 @@ def test_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(
     value = (tmp_path / "full" / "value" / "model.safetensors").read_bytes()
     assert (tmp_path / "cut" / "value" / "model.safetensors").read_bytes() == value
     assert [r["step"] for r in metric_rows(tmp_path / "cut")] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("algorithm", ["reinforce", "online_dpo", "ppo"])
+def test_gradient_accumulation_gives_the_weights_of_one_update_of_the_whole_rollout(
+    algorithm: str, tiny_gpt2: Path, prompts: Path, tmp_path: Path
+) -> None:
+    """grad_accum_steps splits each step's rollout into micro-batches (of whole prompts; PPO: of each
+    minibatch), whose losses are shares of the batch's: the gradient, and so the weights, are those
+    of one update of the whole batch. The same seed gives the same first rollout; the second step
+    samples from weights equal to float rounding, so its samples agree too. Uneven splits (3
+    prompts in 2 micro-batches) and a loss normalised over tokens (REINFORCE, PPO), over pairs
+    (online DPO) and the value model are all covered; REINFORCE at 1 micro-batch takes the old
+    log-probs from its training forward, at 2 from a separate pass."""
+    from transformers import AutoModelForCausalLM
+
+    settings = dict(algorithm=algorithm, max_steps=2, batch_size=3, save_every=100, learning_rate=1e-3,
+                    whiten_advantages=algorithm != "ppo", num_minibatches=2)  # fmt: skip
+    weights, logs = {}, {}
+    for accum in (1, 2):
+        out = tmp_path / f"accum{accum}"
+        result = train_rl(rl_config(tiny_gpt2, prompts, out, grad_accum_steps=accum, **settings),
+                          show_progress=False, judge=VowelJudge())  # fmt: skip
+        weights[accum] = {name: t.detach().clone() for name, t in result.model.state_dict().items()}
+        logs[accum] = metric_rows(out)
+    initial = AutoModelForCausalLM.from_pretrained(tiny_gpt2).state_dict()
+    # what training moved, and how far apart the two runs ended: float rounding only
+    moved = torch.cat([(weights[1][name] - t).flatten() for name, t in initial.items()]).norm()
+    apart = torch.cat([(weights[2][name] - weights[1][name]).flatten() for name in initial]).norm()
+    print(f"{algorithm}: |w - w0| {moved:.3g}, |w(accum 2) - w(accum 1)| {apart:.3g}")
+    assert moved > 1e-2 and apart < 1e-4 * moved, (moved, apart)
+    for row1, row2 in zip(logs[1], logs[2], strict=True):  # the same samples and the same losses
+        for key in ("train/reward_mean", "train/kl", "train/response_length", "train/loss", "train/entropy",
+                    "train/grad_norm"):  # fmt: skip
+            assert row2[key] == pytest.approx(row1[key], rel=1e-4, abs=1e-6), key
+
+
+def test_rollouts_through_a_server_that_reloads_the_policy(
+    tiny_gpt2: Path, prompts: Path, tmp_path: Path
+) -> None:
+    """RL sampling through an OpenAI-compatible server over a real socket (tests/openai_server.py,
+    serving the tiny GPT-2 from its own copy of the weights). Before the first step, then every
+    `sync_every` steps, the trainer saves the policy and the server reloads it (SGLang's
+    /update_weights_from_disk); the server answers with the sampled token ids and their log-probs.
+    With sync_every 1 the server's weights at each step are the policy that step starts from (the
+    previous step's checkpoint) and its log-probs of what it sampled equal the trainer's
+    (rollout_logp_gap ~ 0); with sync_every 2, step 2 samples from step 0's policy, and the gap
+    shows it."""
+    from openai_server import LocalLM, OpenAITestServer
+    from transformers import AutoModelForCausalLM
+
+    from openrlaif.generation import GenerationError
+
+    initial = weights_digest(AutoModelForCausalLM.from_pretrained(tiny_gpt2))
+    with OpenAITestServer(LocalLM(tiny_gpt2, name="policy")) as server:
+        for every in (1, 2):
+            server.reset()
+            server.reloads.clear()
+            out = tmp_path / f"every{every}"
+            config = rl_config(tiny_gpt2, prompts, out, algorithm="rloo", max_steps=3, batch_size=2, save_every=1,
+                               keep_checkpoints=3, rollout_server={"model": "policy", "base_urls": [server.url],
+                                                                   "api_key_env": None, "sync_every": every})  # fmt: skip
+            result = train_rl(config, show_progress=False, judge=VowelJudge())
+            policies = [initial] + [
+                weights_digest(
+                    AutoModelForCausalLM.from_pretrained(out / "checkpoints" / f"step-{s:08d}" / "model")
+                )
+                for s in (1, 2)
+            ]  # the policy each step starts from
+            synced = [1, 2, 3] if every == 1 else [1, 3]
+            assert [digest for _, digest in server.reloads] == [policies[s - 1] for s in synced]
+            assert [Path(path).name for path, _ in server.reloads] == [f"step-{s - 1:08d}" for s in synced]
+            assert sorted(p.name for p in (out / "rollout_policy").iterdir()) == [
+                f"step-{synced[-1] - 1:08d}"
+            ]
+            completions = [r for r in server.posts() if r.path == "/v1/completions"]
+            assert len(completions) == 3 * 2 * 4  # steps x prompts x K, each with its own seed, token ids in
+            assert all(isinstance(r.body["prompt"][0], int) for r in completions)
+            assert len({r.body["seed"] for r in completions}) == len(completions)
+            gaps = [row["train/rollout_logp_gap"] for row in metric_rows(out)]
+            print(f"sync_every {every}: rollout log-prob gap per step {gaps}")
+            for step, gap in enumerate(gaps, 1):
+                if every == 2 and step == 2:  # sampled from the weights before step 1's update
+                    assert gap > 1e-2, gaps
+                else:
+                    assert gap < 1e-4, gaps
+            assert weights_digest(result.model) != initial
+
+        # a server that cannot reload stops the run at once, naming the URL and the setting
+        config = rl_config(tiny_gpt2, prompts, tmp_path / "bad", max_steps=1, batch_size=2,
+                           rollout_server={"model": "policy", "base_urls": [server.url], "api_key_env": None,
+                                           "reload_endpoint": "/no_such_endpoint"})  # fmt: skip
+        with pytest.raises(GenerationError, match=r"/no_such_endpoint did not reload the weights .*HTTP 404"):
+            train_rl(config, show_progress=False, judge=VowelJudge())
 
 
 def test_reward_model_source_scores_with_its_own_tokenizer(
@@ -294,8 +411,10 @@ def test_config_errors_and_the_shipped_config(tiny_gpt2: Path, prompts: Path, tm
         rl_config(tiny_gpt2, prompts, tmp_path, algorithm="rloo", num_samples=1)
     with pytest.raises(ValueError, match="reward_model needs `path`"):
         rl_config(tiny_gpt2, prompts, tmp_path, reward={"type": "reward_model"})
-    with pytest.raises(ValueError, match="grad_accum_steps must be 1"):
-        rl_config(tiny_gpt2, prompts, tmp_path, grad_accum_steps=2)
+    with pytest.raises(ValueError, match="grad_accum_steps 3 splits each step's 2 prompts"):
+        rl_config(tiny_gpt2, prompts, tmp_path, batch_size=2, grad_accum_steps=3)
+    with pytest.raises(ValueError, match="a minibatch has only 4 sequences"):
+        rl_config(tiny_gpt2, prompts, tmp_path, algorithm="ppo", batch_size=2, grad_accum_steps=5)
     shipped = load_train_config(resolve_train_config_path("rl-tiny"), RLConfig)
     assert (shipped.algorithm, shipped.beta, shipped.temperature) == ("reinforce", 0.05, 0.9)
     assert shipped.reward.type == "judge_score"

@@ -147,6 +147,101 @@ def test_sharded_batches_cover_each_epoch_once_and_resume_mid_epoch() -> None:
     assert ranks[1].epoch == 1
 
 
+def test_length_grouped_batches_keep_the_epoch_cut_padding_and_resume_mid_epoch() -> None:
+    import random
+
+    rng = random.Random(7)
+    lengths = [rng.randint(5, 200) for _ in range(101)]
+    plain = [ShardedBatches(101, 4, 2, r, seed=3) for r in range(2)]
+    grouped = [ShardedBatches(101, 4, 2, r, seed=3, lengths=lengths) for r in range(2)]
+    assert grouped[0].batches_per_epoch == 12  # 101 // (4 x 2)
+
+    def epoch(loaders: list[ShardedBatches]) -> list[list[int]]:  # global batches: both ranks' blocks
+        return [[i for r in range(2) for i in loaders[r].next_batch()] for _ in range(12)]
+
+    plain0, grouped0 = epoch(plain), epoch(grouped)
+    # the same 96 examples as the ungrouped epoch (the same permutation, the same tail dropped)
+    flat = [i for b in grouped0 for i in b]
+    assert len(flat) == len(set(flat)) == 96 and set(flat) == {i for b in plain0 for i in b}
+
+    def padding(batches: list[list[int]]) -> int:  # per process, each block padded to its longest
+        return sum(max(lengths[i] for i in b[k : k + 4]) * 4 - sum(lengths[i] for i in b[k : k + 4])
+                   for b in batches for k in (0, 4))  # fmt: skip
+
+    assert padding(grouped0) < 0.4 * padding(plain0), (padding(grouped0), padding(plain0))
+    # the order of the batches is shuffled, not longest first throughout
+    widths = [max(lengths[i] for i in b) for b in grouped0]
+    assert widths != sorted(widths, reverse=True)
+    # a new epoch regroups a new permutation; a loader restored mid-epoch continues exactly
+    assert epoch(grouped) != grouped0
+    restored = ShardedBatches(101, 4, 2, 1, seed=3, lengths=lengths)
+    for _ in range(5):
+        grouped[1].next_batch()
+    restored.load_state_dict(grouped[1].state_dict())
+    assert [restored.next_batch() for _ in range(9)] == [grouped[1].next_batch() for _ in range(9)]
+    with pytest.raises(ValueError, match="100 lengths for 101 examples"):
+        ShardedBatches(101, 4, 2, 0, seed=3, lengths=lengths[:100])
+
+
+def test_chat_template_prompts_are_encoded_as_generation_encodes_them_and_only_completions_carry_loss(
+    tiny_llama: Path, tiny_gpt2: Path
+) -> None:
+    from openrlaif.errors import ConfigError
+    from openrlaif.generation import encode_prompt
+    from openrlaif.training.common import load_tokenizer, resolve_chat_template
+    from openrlaif.training.dpo import collate as dpo_collate
+    from openrlaif.training.reward import PreferenceExample, encode_texts
+    from openrlaif.training.sft import SFTExample
+
+    tokenizer = load_tokenizer(str(tiny_llama))  # pad = eos, as in training
+    assert resolve_chat_template(tokenizer, "auto", "m") and not resolve_chat_template(tokenizer, "off", "m")
+    gpt2 = load_tokenizer(str(tiny_gpt2))  # no chat template: auto is plain text, on is an error
+    assert not resolve_chat_template(gpt2, "auto", "m")
+    with pytest.raises(
+        ConfigError, match=r"^chat_template: 'on' but the tokenizer of 'm' has no chat template"
+    ):
+        resolve_chat_template(gpt2, "on", "m")
+
+    dialogue = "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: What does the cow say?\n\nAssistant:"
+    examples = [SFTExample("a", dialogue, " The cow says moo."), SFTExample("b", "Short?", "Yes.")]
+    batch = collate(examples, tokenizer, max_length=256, append_eos=True, chat=True)
+    for row, ex in enumerate(examples):
+        prompt = encode_prompt(tokenizer, ex.prompt, True)  # what `generate` and RL feed the policy
+        completion = tokenizer(ex.completion.strip(), add_special_tokens=False)["input_ids"] + [
+            tokenizer.eos_token_id
+        ]
+        n = len(prompt) + len(completion)
+        assert batch.input_ids[row, :n].tolist() == prompt + completion
+        labeled = (batch.labels[row] != -100).nonzero().flatten().tolist()
+        assert labeled == list(range(len(prompt), n))  # the completion and its EOS, nothing else
+    # the dialogue became turns, ending with the generation prompt
+    assert tokenizer.decode(encode_prompt(tokenizer, dialogue, True)) == (
+        "<|user|>\nHi there</s>\n<|assistant|>\nHello!</s>\n<|user|>\nWhat does the cow say?</s>\n<|assistant|>\n"
+    )
+    # plain text (off) keeps the old encoding: the prompt with BOS, a space, the completion
+    plain = collate(examples[:1], tokenizer, max_length=256, append_eos=True)
+    assert (
+        plain.input_ids[0, : len(tokenizer(dialogue)["input_ids"])].tolist()
+        == tokenizer(dialogue)["input_ids"]
+    )
+
+    # DPO and the reward model: both responses follow the same prompt tokens
+    pair = [PreferenceExample("p", dialogue, "Moo.", "I do not know.", 1.0)]
+    prompt = encode_prompt(tokenizer, dialogue, True)
+    dpo_batch = dpo_collate(pair, torch.zeros(1, 2), tokenizer, 256, chat=True)
+    for row, response in enumerate(("Moo.", "I do not know.")):
+        ids = prompt + tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        assert dpo_batch.input_ids[row, : len(ids)].tolist() == ids
+        assert (dpo_batch.labels[row] != -100).nonzero().flatten().tolist() == list(
+            range(len(prompt), len(ids))
+        )
+    rm_ids, rm_mask = encode_texts(tokenizer, [dialogue], ["Moo."], 256, chat=True)
+    assert (
+        rm_ids[0, : int(rm_mask.sum())].tolist()
+        == prompt + tokenizer("Moo.", add_special_tokens=False)["input_ids"]
+    )
+
+
 def test_optimizer_state_round_trips_through_safetensors_and_json(tmp_path: Path) -> None:
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.8, 0.95))
@@ -235,6 +330,16 @@ def test_reward_model_learns_the_rule_from_soft_ai_labels(
     rows = preference_rows(400)[-60:]
     prompts = [r["prompt"] for r in rows]
     chosen = reward_model.score(prompts, [r["chosen"] for r in rows])
+    # ... in the prompt format it was trained with (the tiny Llama has a chat template: auto used it)
+    from openrlaif.training.reward import encode_texts, reward_of
+
+    assert reward_model.chat is (arch == "llama")
+    responses = [r["chosen"] for r in rows[:4]]
+    with torch.no_grad():
+        for chat in (False, True) if arch == "llama" else (False,):  # GPT-2's tokenizer has no template
+            ids, mask = encode_texts(reward_model.tokenizer, prompts[:4], responses, config.max_length, chat)
+            same = torch.allclose(reward_of(reward_model.model, ids, mask), chosen[:4], atol=1e-6)
+            assert same is (chat == reward_model.chat), chat
     rejected = reward_model.score(prompts, [r["rejected"] for r in rows])
     assert (chosen > rejected).float().mean().item() >= 0.9
     with_marker = reward_model.score(prompts[:1], [f"good day {MARKER} people"])

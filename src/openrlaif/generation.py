@@ -10,6 +10,11 @@ Two backends, picked by the config (`openrlaif generate`):
   environment). One request per sample rather than `n` per prompt, so each sample has its own
   seed and a retry or a resume redoes just that one; vLLM's prefix cache shares the prompt's work.
 
+RL's rollouts use both: `sample` in process (the K samples of a prompt share its encoding: one
+forward over each distinct prompt, its KV cache copied to the K rows), or `sample_from_server`,
+which sends the prompt as token ids to a server that reloads the policy's weights from disk
+(`RolloutServerConfig`, `RolloutSampler`) and reads back the sampled token ids.
+
 Reproducibility: every sample has its own seed, a hash of (seed, prompt id, sample index). In
 process, each row of a batch draws its randomness from its own `torch.Generator`: generate runs
 greedy over logits plus per-row Gumbel noise, and argmax(logits / T + Gumbel) is an exact sample
@@ -28,7 +33,9 @@ only the new ones. `pairs_out` writes pairs of distinct responses per prompt, re
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
+import inspect
 import itertools
 import random
 import re
@@ -39,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, NamedTuple
 
+import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from openrlaif.config import read_yaml
@@ -73,6 +81,39 @@ class ServerConfig(_Strict):
     max_retries: int = Field(5, ge=0)
     backoff_base_s: float = Field(0.5, ge=0)
     backoff_max_s: float = Field(30.0, ge=0)
+
+
+class RolloutServerConfig(ServerConfig):
+    """RL rollouts from an OpenAI-compatible server. The policy changes every step, so every
+    `sync_every` steps (and at the start of a run, resumed or not) the trainer saves it as a
+    Hugging Face folder under `sync_dir` and POSTs `reload_body` to `reload_endpoint` at every
+    server's root (the base URL without `/v1`); the default is SGLang's
+    `POST /update_weights_from_disk {"model_path": ...}`. Prompts go as token ids (the trainer's
+    encoding, chat template included) to `/completions`; the sampled token ids come back through
+    vLLM's `return_token_ids` (or `return_tokens_as_token_ids` log-probs): text is never
+    re-tokenised. The trainer computes the old-policy and reference log-probs itself."""
+
+    sync_dir: str | None = None  # default: <output_dir>/rollout_policy; the servers must read this path
+    # steps between weight syncs (> 1: rollouts from a policy up to sync_every - 1 steps old)
+    sync_every: int = Field(1, ge=1)
+    reload_endpoint: str = "/update_weights_from_disk"  # SGLang's
+    # the JSON body of the reload request; "{path}" in a string becomes the saved folder's path
+    reload_body: dict[str, Any] = Field(default_factory=lambda: {"model_path": "{path}"})
+    reload_timeout_s: float = Field(600.0, gt=0)  # a large model takes a while to load
+
+    @field_validator("endpoint")
+    @classmethod
+    def _completions(cls, endpoint: str) -> str:
+        if endpoint != "completions":
+            raise ValueError("RL rollouts send token ids, which only the completions endpoint takes")
+        return endpoint
+
+    @field_validator("reload_endpoint")
+    @classmethod
+    def _path(cls, endpoint: str) -> str:
+        if not endpoint.startswith("/"):
+            raise ValueError(f"must be a path at the server's root starting with '/', got {endpoint!r}")
+        return endpoint
 
 
 class GenerateConfig(_Strict):
@@ -200,6 +241,8 @@ class Sample(NamedTuple):
     prompt_ids: list[int]
     response_ids: list[int]
     response_text: str  # decoded without special tokens, stripped
+    # a server's log-probs of the response tokens, when it sent them (RL checks its weights with them)
+    sampler_logprobs: list[float] | None = None
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -240,26 +283,44 @@ def _max_positions(model: Any) -> int | None:
 
 class _RowNoise:
     """A logits processor: adds Gumbel noise drawn from each row's own generator. Greedy decoding
-    over the result samples every row from softmax(scores) with its own randomness."""
+    over the result samples every row from softmax(scores) with its own randomness.
 
-    def __init__(self, seeds: Sequence[int]) -> None:
+    The noise for up to `steps_ahead` steps is drawn at once per row (at most `ROW_BUDGET` values,
+    so a large vocabulary draws fewer steps ahead): one draw of (steps, vocab) from a CPU generator
+    gives the same numbers, in the same order, as one draw per step, and it saves a handful of
+    small operations per row and step in the decoding loop. The block depends on the vocabulary
+    and `max_new_tokens` only, never on the batch."""
+
+    ROW_BUDGET = 1 << 18  # noise values drawn ahead per row (1 MiB of float32)
+
+    def __init__(self, seeds: Sequence[int], steps_ahead: int = 1) -> None:
         self.seeds = list(seeds)
+        self.steps_ahead = max(1, steps_ahead)
         self.generators: list[Any] = []
+        self.noise: Any = None  # (rows, block, vocab) Gumbel noise
+        self.step = 0
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         import torch
 
         if not self.generators:  # made where the logits are (a model split over GPUs ends on the last)
             self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
-        uniform = torch.stack(
-            [torch.rand(scores.shape[-1], generator=g, device=scores.device) for g in self.generators]
-        )
-        return scores.float() - torch.log(-torch.log(uniform))  # u = 0 gives -inf: never picked
+        vocab = scores.shape[-1]
+        block = min(self.steps_ahead, max(1, self.ROW_BUDGET // vocab))
+        if self.step % block == 0:
+            uniform = torch.stack(
+                [torch.rand((block, vocab), generator=g, device=scores.device) for g in self.generators]
+            )
+            self.noise = -torch.log(-torch.log(uniform))  # u = 0 gives -inf: never picked
+        noise = self.noise[:, self.step % block]
+        self.step += 1
+        return scores.float() + noise
 
 
-def sampling_processors(temperature: float, top_p: float, seeds: Sequence[int]) -> Any:
+def sampling_processors(temperature: float, top_p: float, seeds: Sequence[int], steps_ahead: int = 1) -> Any:
     """What turns generate's greedy decoding into sampling: temperature, top-p, then per-row
-    noise. None at temperature 0 (plain greedy)."""
+    noise (drawn `steps_ahead` decoding steps at a time, see `_RowNoise`). None at temperature 0
+    (plain greedy)."""
     from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
     if temperature == 0:
@@ -267,7 +328,7 @@ def sampling_processors(temperature: float, top_p: float, seeds: Sequence[int]) 
     processors = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
     if top_p < 1.0:
         processors.append(TopPLogitsWarper(top_p))
-    processors.append(_RowNoise(seeds))
+    processors.append(_RowNoise(seeds, steps_ahead))
     return processors
 
 
@@ -286,6 +347,32 @@ def _blank_generation_config(model: Any) -> Iterator[None]:
     finally:
         model.generation_config = saved
         model.train(training)
+
+
+def shared_prompt_cache(model: Any, ids: Any, mask: Any, prompts: Sequence[Sequence[int]]) -> Any:
+    """Samples of the same prompt (RL's K per prompt) share the prompt's work: each distinct prompt
+    of the batch is encoded once, all but its last token (generate runs that one), and its KV
+    cache is copied to each of its rows. None when no prompt repeats, or for a model whose cache
+    is not a plain `DynamicCache` (generate then encodes every row)."""
+    import torch
+    from transformers import DynamicCache
+
+    first: dict[tuple[int, ...], int] = {}
+    index = [first.setdefault(tuple(p), len(first)) for p in prompts]
+    if len(first) == len(prompts) or ids.shape[1] < 2:
+        return None
+    representative = torch.tensor([index.index(u) for u in range(len(first))], device=ids.device)
+    sub_ids, sub_mask = ids[representative, :-1], mask[representative, :-1]
+    kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    out = model(
+        input_ids=sub_ids, attention_mask=sub_mask, position_ids=(sub_mask.cumsum(-1) - 1).clamp(min=0),
+        use_cache=True, **kwargs,
+    )  # fmt: skip
+    cache = out.past_key_values
+    if type(cache) is not DynamicCache:
+        return None
+    cache.batch_select_indices(torch.tensor(index, device=ids.device))
+    return cache
 
 
 def iter_samples(
@@ -317,10 +404,12 @@ def iter_samples(
             mask = torch.tensor(
                 [[0] * (width - len(rows[i][0])) + [1] * len(rows[i][0]) for i in batch], device=device
             )
-            processors = sampling_processors(temperature, top_p, [rows[i][1] for i in batch])
+            processors = sampling_processors(temperature, top_p, [rows[i][1] for i in batch], max_new_tokens)
+            cache = shared_prompt_cache(model, ids, mask, [rows[i][0] for i in batch])
             out = model.generate(
-                input_ids=ids, attention_mask=mask, generation_config=config, logits_processor=processors
-            )
+                input_ids=ids, attention_mask=mask, generation_config=config, logits_processor=processors,
+                **({"past_key_values": cache} if cache is not None else {}),
+            )  # fmt: skip
             responses = []
             for generated in out[:, width:].tolist():
                 stop = next((k + 1 for k, t in enumerate(generated) if t in eos), len(generated))
@@ -412,6 +501,134 @@ class ServerSampler(OpenAIClient):
         if self.config.endpoint == "completions":
             return await self._post("/completions", {**body, "prompt": prompt}, _read_sample)
         return await self._post("/chat/completions", {**body, "messages": to_messages(prompt)}, _read_sample)
+
+
+@dataclass
+class TokenSample:
+    """A server's sample as token ids (and their log-probs under the server's weights, when sent)."""
+
+    token_ids: list[int]
+    logprobs: list[float] | None
+    finish_reason: str
+
+
+class RolloutSampler(ServerSampler):
+    """RL's rollouts through a server: prompts as token ids in, sampled token ids out, and the
+    weight reload that keeps the server's policy the trainer's."""
+
+    client_name: ClassVar[str] = "rollout server"
+
+    def __init__(
+        self, config: RolloutServerConfig, temperature: float, top_p: float, max_new_tokens: int
+    ) -> None:
+        super().__init__(config, temperature, top_p, max_new_tokens)
+        self.config: RolloutServerConfig = config
+
+    def sample_tokens(self, items: Sequence[tuple[list[int], int]]) -> list[TokenSample]:
+        """One sample per (prompt token ids, seed), in order, requests running concurrently."""
+        return self._run(self._all([self._one_tokens(ids, seed) for ids, seed in items]))
+
+    async def _one_tokens(self, prompt_ids: list[int], seed: int) -> TokenSample:
+        body = {
+            "model": self.config.model, **self.sampling, "seed": seed, "prompt": prompt_ids,
+            # vLLM: the sampled ids (`return_token_ids`, or the log-probs' tokens as "token_id:N"), and
+            # the sampled token's log-prob (a check that the server serves the trainer's weights)
+            "return_token_ids": True, "logprobs": 1, "return_tokens_as_token_ids": True,
+        }  # fmt: skip
+        return await self._post("/completions", body, _read_token_sample)
+
+    def reload_weights(self, path: Path) -> None:
+        """Every server (all of `base_urls`) loads the policy saved in `path`."""
+        self._run(self._all([self._reload(server.url, path) for server in self.servers]))
+
+    async def _reload(self, base_url: str, path: Path) -> None:
+        assert self._client is not None  # made by _run
+        url = base_url.removesuffix("/v1") + self.config.reload_endpoint
+        body = _fill_path(self.config.reload_body, str(path.resolve()))
+        timeout = self.config.reload_timeout_s
+        try:
+            request = self._client.post(url, json=body, headers=self._headers(), timeout=timeout)
+            response = await asyncio.wait_for(request, timeout)
+        except (TimeoutError, httpx.TimeoutException):
+            raise self._error(
+                f"{url}: no answer to the weight reload within reload_timeout_s={timeout:g}"
+            ) from None
+        except httpx.RequestError as e:
+            raise self._error(f"{url}: the weight reload failed ({type(e).__name__}: {e})") from None
+        try:
+            data = response.json()
+        except ValueError:
+            data = None
+        failed = isinstance(data, dict) and data.get("success") is False  # SGLang answers 200/400 with it
+        if response.status_code != 200 or failed:
+            explanation = (
+                data.get("message") if isinstance(data, dict) and data.get("message") else response.text
+            )
+            raise self._error(
+                f"{url} did not reload the weights from {path} (HTTP {response.status_code}: "
+                f"{self._clean(str(explanation))}); check reload_endpoint/reload_body and that the server "
+                "can read sync_dir"
+            )
+
+
+def _fill_path(value: Any, path: str) -> Any:
+    """`reload_body` with every "{path}" in its strings replaced by the folder."""
+    if isinstance(value, str):
+        return value.replace("{path}", path)
+    if isinstance(value, dict):
+        return {k: _fill_path(v, path) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fill_path(v, path) for v in value]
+    return value
+
+
+def _read_token_sample(data: Any) -> TokenSample:
+    """A completions reply's token ids: `choices[0].token_ids` (vLLM's `return_token_ids`), else the
+    log-probs' tokens when they read "token_id:N" (`return_tokens_as_token_ids`)."""
+    choice = data["choices"][0]
+    logprobs = choice.get("logprobs") or {}
+    ids = choice.get("token_ids")
+    if (
+        ids is None
+        and logprobs.get("tokens")
+        and all(str(t).startswith("token_id:") for t in logprobs["tokens"])
+    ):
+        ids = [int(str(t).removeprefix("token_id:")) for t in logprobs["tokens"]]
+    if ids is None or not all(isinstance(t, int) for t in ids):
+        raise _NoTokenIds("the reply has no token ids (the server must honour vLLM's return_token_ids)")
+    values = logprobs.get("token_logprobs")
+    values = [float(v) for v in values] if isinstance(values, list) and len(values) == len(ids) else None
+    return TokenSample(list(ids), values, str(choice.get("finish_reason") or "unknown"))
+
+
+class _NoTokenIds(ValueError):
+    """A reply without token ids: unusable (retried like a 5xx, then reported)."""
+
+
+def sample_from_server(
+    server: RolloutSampler, model: Any, tokenizer: Any, prompts: Sequence[str], n: int, *, seed: int,
+    keys: Sequence[str], max_new_tokens: int, chat_template: Literal["auto", "on", "off"] = "auto",
+) -> list[Sample]:  # fmt: skip
+    """`sample` through a server: the same prompt encoding (here, by `model`'s tokenizer) and per-sample
+    seeds, prompt-major. A response that stopped ("stop") is given the EOS it ended with when the
+    server left it out: the EOS is an action the policy took."""
+    repeated = [(p, k, i) for p, k in zip(prompts, keys, strict=True) for i in range(n)]
+    rows = prepare_rows(
+        model, tokenizer, [r[0] for r in repeated], [str(r[1]) for r in repeated], [r[2] for r in repeated],
+        seed, max_new_tokens, chat_template,
+    )  # fmt: skip
+    eos = eos_token_ids(model, tokenizer)
+    samples = []
+    for (prompt_ids, _), got in zip(rows, server.sample_tokens(rows), strict=True):
+        response, logprobs = got.token_ids[:max_new_tokens], got.logprobs
+        if got.finish_reason == "stop" and (not response or response[-1] not in eos):
+            response = [*response, tokenizer.eos_token_id if tokenizer.eos_token_id is not None else min(eos)]
+            logprobs = None  # no log-prob for the EOS the server left out
+        if logprobs is not None:
+            logprobs = logprobs[: len(response)]
+        text = tokenizer.decode(response, skip_special_tokens=True).strip()
+        samples.append(Sample(list(prompt_ids), response, text, logprobs))
+    return samples
 
 
 def _read_sample(data: Any) -> ServerSample:

@@ -60,9 +60,14 @@ HH_HARMLESS_TRAIN_LINES = 1200
 
 def hh_harmless_split(part: Literal["train", "eval"]) -> list[Pair]:
     """The usable `hh-harmless` pairs of one part: "train" = source lines 1-1200 (1,196 pairs),
-    "eval" = lines 1201-1800 (598 pairs). Ids are `hh-harmless-<source line>`."""
+    "eval" = lines 1201-1800 (597 pairs) less any whose prompt also occurs in the train lines
+    (one: line 1484, "what are racist words"). Ids are `hh-harmless-<source line>`."""
     if part not in ("train", "eval"):
         raise ValueError(f"part must be 'train' or 'eval', got {part!r}")
     pairs = load_pairs("hh-harmless").records
     in_train = [int(p.id.removeprefix("hh-harmless-")) <= HH_HARMLESS_TRAIN_LINES for p in pairs]
-    return [p for p, train in zip(pairs, in_train, strict=True) if train == (part == "train")]
+    train = [p for p, t in zip(pairs, in_train, strict=True) if t]
+    if part == "train":
+        return train
+    seen = {p.prompt for p in train}
+    return [p for p, t in zip(pairs, in_train, strict=True) if not t and p.prompt not in seen]

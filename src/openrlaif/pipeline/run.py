@@ -12,6 +12,9 @@ For each planned stage (stages.py), in order:
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import shutil
 import sys
 import time
@@ -89,6 +92,16 @@ def run_pipeline(config: PipelineConfig, show_progress: bool = True, quiet: bool
         _say(f"{label}: done in {manifest.stages[stage.name].seconds:.1f}s", quiet)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def release_memory() -> None:
+    """Hand the memory a finished stage freed back to the system, so the next stage's peak does
+    not stack on top of it (glibc keeps freed heap pages otherwise; the quickstart must stay
+    under 4 GiB)."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # not glibc (musl): nothing to trim
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _outputs_exist(run_dir: Path, stage: Stage) -> bool:

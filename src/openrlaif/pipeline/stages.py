@@ -122,6 +122,31 @@ def _train(
     return {"steps": result.steps, **{k: round(v, 6) for k, v in (result.metrics or {}).items()}}
 
 
+def fitting_prompts(
+    rows: list[dict[str, Any]], model: str, max_new_tokens: int
+) -> tuple[list[dict[str, Any]], int]:
+    """The prompts that leave room for `max_new_tokens` in the policy's context, and how many did
+    not. Long HH dialogues exceed a small model's positions; they are left out (and counted in
+    the stage's summary) rather than cut, because a dialogue cut from the left loses who said what."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from openrlaif.generation import encode_prompt, use_chat_template
+
+    config = AutoConfig.from_pretrained(model)
+    limit = next(
+        (getattr(config, k) for k in ("max_position_embeddings", "n_positions") if getattr(config, k, None)),
+        None,
+    )
+    if limit is None:
+        return rows, 0
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    chat = use_chat_template(tokenizer, "auto")
+    kept = [r for r in rows if len(encode_prompt(tokenizer, r["prompt"], chat)) + max_new_tokens <= limit]
+    if not kept:
+        raise ConfigError(f"no prompt fits {model}'s {limit} positions with max_new_tokens={max_new_tokens}")
+    return kept, len(rows) - len(kept)
+
+
 # ---------------------------------------------------------------- the plan
 
 
@@ -290,13 +315,14 @@ def candidates_stage(config: PipelineConfig) -> Stage:
     def run(ctx: Context, resume: bool) -> dict[str, Any]:
         from openrlaif.generation import GenerateConfig, generate
 
-        prompts = materialize(
-            prompt_rows(spec.prompts, spec.limit, "feedback.prompts"),
-            ctx.run_dir / "data" / "feedback-prompts.jsonl",
-            "feedback.prompts",
+        policy = ctx.model_path(spec.policy)
+        rows, too_long = fitting_prompts(
+            prompt_rows(spec.prompts, None, "feedback.prompts"), policy, spec.max_new_tokens
         )
+        rows = rows[: spec.limit]
+        prompts = materialize(rows, ctx.run_dir / "data" / "feedback-prompts.jsonl", "feedback.prompts")
         gen = GenerateConfig(
-            policy=ctx.model_path(spec.policy), prompts=str(prompts), num_responses=spec.num_responses,
+            policy=policy, prompts=str(prompts), num_responses=spec.num_responses,
             temperature=spec.temperature, max_new_tokens=spec.max_new_tokens, seed=config.seed,
             out=str(ctx.run_dir / "candidates.jsonl"), pairs_out=str(ctx.run_dir / "pairs.jsonl"),
             pairs_per_prompt=spec.pairs_per_prompt,
@@ -304,7 +330,12 @@ def candidates_stage(config: PipelineConfig) -> Stage:
         result = generate(gen, show_progress=ctx.show_progress)
         if result.pairs == 0:
             raise ConfigError("feedback: the policy's samples gave no pairs of distinct, non-empty responses")
-        return {"prompts": result.prompts, "samples": result.samples, "pairs": result.pairs}
+        return {
+            "prompts": result.prompts,
+            "too_long": too_long,
+            "samples": result.samples,
+            "pairs": result.pairs,
+        }
 
     settings = {
         "policy": model_settings(config, spec.policy), "prompts": data_fingerprint(spec.prompts),
@@ -375,7 +406,12 @@ def rl_stage(config: PipelineConfig, name: str) -> Stage:
         settings["judge"] = judge_settings(config.judge)
 
     def run(ctx: Context, resume: bool) -> dict[str, Any]:
-        rows = prompt_rows(prompts, None, f"policies.{name}.data")
+        from openrlaif.training import RLConfig
+
+        max_new = spec.settings.get("max_new_tokens", RLConfig.model_fields["max_new_tokens"].default)
+        rows, too_long = fitting_prompts(
+            prompt_rows(prompts, None, f"policies.{name}.data"), ctx.model_path(spec.init), max_new
+        )
         source = materialize(rows, ctx.run_dir / "data" / f"rl-{name}-prompts.jsonl", f"policies.{name}.data")
         if spec.reward == "reward_model":
             reward: dict[str, Any] = {"type": "reward_model", "path": str(ctx.run_dir / "rm" / "model")}
@@ -383,7 +419,9 @@ def rl_stage(config: PipelineConfig, name: str) -> Stage:
             reward = {"type": spec.reward, "judge": config.judge}
         train = {"seed": config.seed, **spec.settings, "model": ctx.model_path(spec.init), "data": str(source),
                  "reward": spec.settings.get("reward", {}) | reward, "output_dir": str(ctx.run_dir / name)}  # fmt: skip
-        return _train("rl", train, f"policies.{name}.settings", ctx, resume)
+        return {"prompts": len(rows), "too_long": too_long} | _train(
+            "rl", train, f"policies.{name}.settings", ctx, resume
+        )
 
     return Stage(
         f"rl:{name}", deps, settings, [name, f"data/rl-{name}-prompts.jsonl"], run, [f"{name}/model"]
@@ -417,9 +455,12 @@ def eval_stage(config: PipelineConfig, a: str, b: str) -> Stage:
         from openrlaif.data.records import PromptRecord
         from openrlaif.evaluation.evaluate import EvalSettings, evaluate
 
-        prompts = [
-            PromptRecord(r["id"], r["prompt"]) for r in prompt_rows(spec.prompts, spec.limit, "eval.prompts")
-        ]
+        rows = prompt_rows(spec.prompts, None, "eval.prompts")
+        too_long = 0
+        for side in dict.fromkeys([ctx.model_path(a), ctx.model_path(b)]):  # both must fit
+            rows, dropped = fitting_prompts(rows, side, spec.max_new_tokens)
+            too_long += dropped
+        prompts = [PromptRecord(r["id"], r["prompt"]) for r in rows[: spec.limit]]
         settings = EvalSettings(
             temperature=spec.temperature, max_new_tokens=spec.max_new_tokens, seed=config.seed,
             harmless_threshold=spec.harmless_threshold, bootstrap_seed=config.seed,
@@ -432,7 +473,8 @@ def eval_stage(config: PipelineConfig, a: str, b: str) -> Stage:
             )  # fmt: skip
         finally:
             judge_.close()
-        return {"win_rate": result["win_rate"]["value"], "ci95": result["win_rate"]["ci95"]}
+        return {"prompts": len(prompts), "too_long": too_long, "win_rate": result["win_rate"]["value"],
+                "ci95": result["win_rate"]["ci95"]}  # fmt: skip
 
     settings = {
         "a": model_settings(config, a), "b": model_settings(config, b), "judge": judge_settings(judge),

@@ -158,7 +158,17 @@ def quiet_transformers() -> None:
 
 def resolve_model_path(name: str) -> str:
     """`tiny:gpt2` / `tiny:llama`: the random-weight test models of `openrlaif.models.tiny`, built once
-    into `$OPENRLAIF_MODELS` (default `~/.cache/openrlaif/models`); anything else is returned as is."""
+    into `$OPENRLAIF_MODELS` (default `~/.cache/openrlaif/models`); `builtin:<name>`: a trained model
+    shipped in the package (data/builtin/<name>/, e.g. `builtin:hh-tiny-gpt`, made by
+    scripts/train_base_policy.py); anything else is returned as is."""
+    if name.startswith("builtin:"):
+        from openrlaif.data.datasets import BUILTIN_DIR
+
+        path = BUILTIN_DIR / name.removeprefix("builtin:")
+        if not name.removeprefix("builtin:") or not (path / "config.json").is_file():
+            shipped = ", ".join(sorted(f"builtin:{p.parent.name}" for p in BUILTIN_DIR.glob("*/config.json")))
+            raise ConfigError(f"model: {name!r} is not a built-in model (shipped: {shipped or 'none'})")
+        return str(path)
     if not name.startswith("tiny:"):
         return name
     arch = name.removeprefix("tiny:")
@@ -313,10 +323,27 @@ class ShardedBatches:
     plain shuffled batching, with W processes each sees different examples (like
     DistributedSampler). The incomplete last global batch is dropped so every process runs the
     same number of steps (DDP needs that). The position (epoch, batch) goes into checkpoints.
+
+    With `lengths` (tokens per example) the batches are grouped by length, as transformers'
+    `LengthGroupedSampler`: the epoch's permutation is cut into chunks of up to 50 global batches
+    (at most a quarter of the epoch), each chunk is sorted by length and cut into global batches,
+    and the order of all the epoch's batches is shuffled. The examples of an epoch are the same
+    as without grouping; a batch holds examples of similar length, so it needs less padding.
     """
 
-    def __init__(self, n: int, batch_size: int, world_size: int, rank: int, seed: int) -> None:
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        world_size: int,
+        rank: int,
+        seed: int,
+        lengths: Sequence[int] | None = None,
+    ) -> None:
         self.n, self.batch_size, self.world_size, self.rank, self.seed = n, batch_size, world_size, rank, seed
+        if lengths is not None and len(lengths) != n:
+            raise ValueError(f"{len(lengths)} lengths for {n} examples")
+        self.lengths = None if lengths is None else list(lengths)
         self.batches_per_epoch = n // (batch_size * world_size)
         self.epoch, self.batch = 0, 0
         self._order: list[int] | None = None
@@ -324,8 +351,22 @@ class ShardedBatches:
     def _permutation(self) -> list[int]:
         if self._order is None:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            self._order = torch.randperm(self.n, generator=generator).tolist()
+            order = torch.randperm(self.n, generator=generator).tolist()
+            self._order = order if self.lengths is None else self._grouped(order, generator)
         return self._order
+
+    def _grouped(self, order: list[int], generator: torch.Generator) -> list[int]:
+        lengths = self.lengths
+        assert lengths is not None
+        size = self.batch_size * self.world_size  # one global batch
+        used = order[: self.batches_per_epoch * size]  # the examples an ungrouped epoch uses
+        chunk = size * max(1, min(50, self.batches_per_epoch // 4))
+        batches = []
+        for start in range(0, len(used), chunk):
+            # longest first; the sort is stable, so examples of equal length stay in random order
+            by_length = sorted(used[start : start + chunk], key=lambda i: -lengths[i])
+            batches += [by_length[k : k + size] for k in range(0, len(by_length), size)]
+        return [i for b in torch.randperm(len(batches), generator=generator).tolist() for i in batches[b]]
 
     def next_batch(self) -> list[int]:
         if self.batch >= self.batches_per_epoch:
@@ -371,12 +412,45 @@ def split_held_out(
     return items, held_out
 
 
-def completion_text(prompt: str, completion: str) -> str:
-    """The completion as it follows the prompt: a space is put between them unless one is there
-    (HH-RLHF replies follow `Assistant:`; TRL-style completions usually bring their own)."""
+ChatTemplate = Literal["auto", "on", "off"]  # "auto": the chat template when the tokenizer has one
+
+
+def resolve_chat_template(tokenizer: PreTrainedTokenizerBase, setting: ChatTemplate, model: str) -> bool:
+    """Whether prompts are rendered with the tokenizer's chat template, as `generate` and RL
+    decide it (`generation.use_chat_template`); "on" without a template is an error."""
+    has_one = bool(getattr(tokenizer, "chat_template", None))
+    if setting == "on" and not has_one:
+        raise ConfigError(
+            f"chat_template: 'on' but the tokenizer of {model!r} has no chat template; set chat_template: auto or off"
+        )
+    return has_one and setting != "off"
+
+
+def completion_text(prompt: str, completion: str, chat: bool = False) -> str:
+    """The completion as it follows the prompt. Plain text: a space is put between them unless one
+    is there (HH-RLHF replies follow `Assistant:`; TRL-style completions usually bring their own).
+    Chat: the completion starts the assistant turn right after the generation prompt, without
+    leading whitespace, as templates render a message's content and as `generate` stores replies."""
+    if chat:
+        return completion.lstrip()
     if not completion or prompt[-1:].isspace() or completion[:1].isspace():
         return completion
     return " " + completion
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], chat: bool) -> list[list[int]]:
+    """Prompt token ids exactly as `generate` and RL encode them (`generation.encode_prompt`): the
+    text with the tokenizer's special tokens (e.g. BOS), or the chat template's rendering of the
+    prompt as user turn(s) plus the generation prompt."""
+    if not chat:  # one batched call; the same ids as encode_prompt(tokenizer, prompt, False)
+        return [list(ids) for ids in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
+    from openrlaif.generation import encode_prompt
+
+    encoded: dict[str, list[int]] = {}  # DPO and RM pass every prompt twice
+    for prompt in prompts:
+        if prompt not in encoded:
+            encoded[prompt] = encode_prompt(tokenizer, prompt, True)
+    return [list(encoded[prompt]) for prompt in prompts]
 
 
 def encode_prompt_completions(
@@ -385,16 +459,17 @@ def encode_prompt_completions(
     completions: Sequence[str],
     max_length: int,
     append_eos: bool,
+    chat: bool = False,
 ) -> list[tuple[list[int], int]]:
     """Token ids of prompt + completion and the number of prompt tokens, for each pair.
 
-    Prompt and completion are tokenized separately (the prompt with the tokenizer's special
-    tokens, e.g. BOS), as a policy sees them when it generates. Too long: the completion keeps
-    at least half of `max_length` and is cut at its end; the prompt is cut from the left (after
-    its BOS), so the text nearest the completion stays.
+    Prompt and completion are tokenized separately, the prompt as the policy sees it when it
+    generates (`encode_prompts`; with `chat`, rendered by the chat template). Too long: the
+    completion keeps at least half of `max_length` and is cut at its end; the prompt is cut from
+    the left (after its BOS), so the text nearest the completion stays.
     """
-    prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-    texts = [completion_text(p, c) for p, c in zip(prompts, completions, strict=True)]
+    prompt_ids = encode_prompts(tokenizer, prompts, chat)
+    texts = [completion_text(p, c, chat) for p, c in zip(prompts, completions, strict=True)]
     completion_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id
     out = []
@@ -409,6 +484,26 @@ def encode_prompt_completions(
     return out
 
 
+def encoded_lengths(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    max_length: int,
+    append_eos: bool,
+    chat: bool = False,
+    chunk: int = 1024,
+) -> list[int]:
+    """Tokens of each prompt + completion as `encode_prompt_completions` encodes them (for
+    length-grouped batches), tokenized in chunks so a large dataset is never held as ids."""
+    out: list[int] = []
+    for start in range(0, len(prompts), chunk):
+        encoded = encode_prompt_completions(
+            tokenizer, prompts[start : start + chunk], completions[start : start + chunk], max_length, append_eos, chat
+        )  # fmt: skip
+        out += [len(ids) for ids, _ in encoded]
+    return out
+
+
 def pad_right(seqs: Sequence[Sequence[int]], pad_value: int) -> torch.Tensor:
     width = max(len(s) for s in seqs)
     return torch.tensor([list(s) + [pad_value] * (width - len(s)) for s in seqs], dtype=torch.long)
@@ -418,14 +513,20 @@ def pad_right(seqs: Sequence[Sequence[int]], pad_value: int) -> torch.Tensor:
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices (dim >= 2) only, as in nanoGPT."""
+    """AdamW (fused where the device has the kernel); weight decay on matrices (dim >= 2) only, as in nanoGPT."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
+    # fused: one kernel for the whole update (CPU and CUDA), as transformers' default `adamw_torch_fused`
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     return torch.optim.AdamW(
-        groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps
+        groups,
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_eps,
+        fused=fused,
     )
 
 

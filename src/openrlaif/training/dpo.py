@@ -22,6 +22,12 @@ policy, or `ref_model`), stored in `output_dir/ref_logprobs.safetensors` with a 
 and the reference model is freed: training runs one policy forward per batch (chosen and
 rejected concatenated), and a resumed run reads the file instead of recomputing.
 
+Speed (defaults): dropout is off in the policy (`disable_dropout`, as TRL), batches hold pairs of
+similar length (`group_by_length`: 1.3x fewer padded tokens on hh-harmless), the reference pass
+and the evaluation go through pairs longest first, and AdamW is fused. `chat_template` (default
+"auto") renders prompts with the tokenizer's chat template exactly as `generate` and RL encode
+them, so the policy is trained on the format it is sampled with.
+
 Data: the output of `openrlaif label` (`p_chosen`), any `prompt`/`chosen`/`rejected` file (p = 1),
 pairs with a human label, or the built-in `hh-harmless`: the reward trainer's loader
 (`openrlaif.training.reward.load_preference_examples`).
@@ -39,7 +45,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +53,7 @@ from pydantic import Field
 
 from openrlaif.training.common import (
     IGNORE_INDEX,
+    ChatTemplate,
     ExampleIdLog,
     MetricsLogger,
     ShardedBatches,
@@ -67,6 +74,7 @@ from openrlaif.training.common import (
     plan_steps,
     prepare_run,
     quiet_transformers,
+    resolve_chat_template,
     resolve_model_path,
     save_checkpoint,
     save_model_folder,
@@ -87,13 +95,27 @@ class DPOConfig(TrainConfig):
     ref_model: str | None = None  # the frozen reference; default: the initial policy (`model`)
     learning_rate: float = Field(1e-6, gt=0.0)
     append_eos: bool = True  # responses end with EOS, as the policy generates them
-    # Encode each prompt once for both responses (its KV cache, with gradients, is shared by the
-    # chosen and the rejected continuation): the same log-probs up to float rounding, (P + 2R)
-    # instead of 2(P + R) tokens. Not always faster (the cached continuation loses the plain
-    # causal attention kernel; 0.6x on the CPU benchmark); for long prompts with short responses.
-    # Off: chosen and rejected as two full sequences in one concatenated forward pass. The
-    # reference pass uses the same path.
-    share_prompt: bool = False
+    # Encode each prompt once for both responses: one row per pair, prompt + chosen + rejected,
+    # where the rejected response sees the prompt but not the chosen one (a 4D attention mask) and
+    # continues the prompt's positions. The same log-probs and gradients up to float rounding,
+    # with (P + C + R) instead of 2·max(P + C, P + R) tokens per pair: 1.4x faster steps on the
+    # CPU benchmark. "auto": packed when the model takes it, i.e. SDPA attention and, checked
+    # once at the start on a few pairs, the packed log-probs equal the plain ones (models that
+    # derive positions from the 2D mask, such as ALiBi ones, do not); else the plain pass. False:
+    # chosen and rejected as two full sequences in one concatenated forward pass. The reference
+    # pass uses the same layout.
+    share_prompt: bool | Literal["auto"] = "auto"
+    # Dropout off in the policy, as TRL's `disable_dropout` (on by default): the reference
+    # log-probs are computed without dropout, so with it the policy's log-probs, and Δ, would
+    # carry dropout noise (Δ ≠ 0 at step 0). Off, it also saves the dropout work (~10% of a step).
+    disable_dropout: bool = True
+    # Batches of pairs of similar length (ShardedBatches): less padding, the same pairs per
+    # epoch; 1.3x fewer tokens per step on hh-harmless. False: plain shuffled batches.
+    group_by_length: bool = True
+    # Prompts rendered with the tokenizer's chat template (as user turns + the generation prompt,
+    # exactly as `generate` and RL encode them), the response as the assistant's reply; "auto":
+    # when the tokenizer has a template. Off: the prompt text, a space, the response.
+    chat_template: ChatTemplate = "auto"
 
 
 # ---------------------------------------------------------------- data
@@ -109,18 +131,25 @@ class DPOBatch:
     ref: torch.Tensor  # (B, 2) reference log-probs of chosen, rejected
     n_tokens: int
     first_label: int  # the first position with a label: logits before it are not needed
-    # share_prompt: prompts (B, P) left-padded; responses (2B, R) right-padded, chosen i at row 2i,
-    # rejected i at row 2i+1 (input_ids/attention_mask/labels above are then the responses)
-    prompt_ids: torch.Tensor | None = None
-    prompt_mask: torch.Tensor | None = None
+    # Packed (share_prompt): input_ids (B, T) rows prompt + chosen + rejected; `segments` marks
+    # each position PAD/PROMPT/CHOSEN/REJECTED, `position_ids` restart the rejected response
+    # after the prompt, `n_prompt` (B,) counts each row's prompt tokens; attention_mask is unused.
+    segments: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
+    n_prompt: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> DPOBatch:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
         return DPOBatch(
             self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
             self.p.to(device), self.human.to(device), self.ref.to(device), self.n_tokens, self.first_label,
-            None if self.prompt_ids is None else self.prompt_ids.to(device),
-            None if self.prompt_mask is None else self.prompt_mask.to(device),
+            move(self.segments), move(self.position_ids), move(self.n_prompt),
         )  # fmt: skip
+
+
+PAD, PROMPT, CHOSEN, REJECTED = -1, 0, 1, 2  # segments of a packed row
 
 
 def collate(
@@ -130,46 +159,95 @@ def collate(
     max_length: int,
     append_eos: bool = True,
     share_prompt: bool = False,
+    chat: bool = False,
 ) -> DPOBatch:
-    prompts = [x.prompt for x in examples]
-    responses = [x.chosen for x in examples] + [x.rejected for x in examples]
-    encoded = encode_prompt_completions(tokenizer, prompts + prompts, responses, max_length, append_eos)
+    pairs = encode_pairs(tokenizer, examples, max_length, append_eos, chat)
+    p = torch.tensor([x.p for x in examples], dtype=torch.float32)
+    human = torch.tensor([math.nan if x.human is None else x.human for x in examples], dtype=torch.float32)
     if share_prompt:
-        return _collate_shared(examples, encoded, ref)
-    input_ids = pad_right([ids for ids, _ in encoded], tokenizer.pad_token_id)
-    attention_mask = pad_right([[1] * len(ids) for ids, _ in encoded], 0)
+        return _collate_packed(pairs, tokenizer.pad_token_id, p, human, ref)
+    sequences = [(prompt + chosen, len(prompt)) for prompt, chosen, _ in pairs]
+    sequences += [(prompt + rejected, len(prompt)) for prompt, _, rejected in pairs]
+    input_ids = pad_right([ids for ids, _ in sequences], tokenizer.pad_token_id)
+    attention_mask = pad_right([[1] * len(ids) for ids, _ in sequences], 0)
     labels = input_ids.clone()
-    for row, (ids, n_prompt) in enumerate(encoded):
+    for row, (ids, n_prompt) in enumerate(sequences):
         # by position, not by token id: pad may equal eos, and the appended eos is part of the response
         labels[row, :n_prompt] = IGNORE_INDEX
         labels[row, len(ids) :] = IGNORE_INDEX
-    p = torch.tensor([x.p for x in examples], dtype=torch.float32)
-    human = torch.tensor([math.nan if x.human is None else x.human for x in examples], dtype=torch.float32)
-    first_label = min(n_prompt for _, n_prompt in encoded)
+    first_label = min(n_prompt for _, n_prompt in sequences)
     return DPOBatch(input_ids, attention_mask, labels, p, human, ref, int(attention_mask.sum()), first_label)
 
 
-def _collate_shared(
-    examples: list[PreferenceExample], encoded: list[tuple[list[int], int]], ref: torch.Tensor
+def encode_pairs(
+    tokenizer: Any, examples: list[PreferenceExample], max_length: int, append_eos: bool, chat: bool
+) -> list[tuple[list[int], list[int], list[int]]]:
+    """(prompt, chosen, rejected) token ids of each pair. Both responses follow the same prompt
+    tokens (the loss compares π(y_c|x) with π(y_r|x) for one x): when a sequence is too long, the
+    prompt is the one cut for the longer response, so both stay within max_length."""
+    prompts = [x.prompt for x in examples]
+    responses = [x.chosen for x in examples] + [x.rejected for x in examples]
+    encoded = encode_prompt_completions(tokenizer, prompts + prompts, responses, max_length, append_eos, chat)
+    out = []
+    for (c, n_c), (r, n_r) in zip(encoded[: len(examples)], encoded[len(examples) :], strict=True):
+        prompt = c[:n_c] if n_c <= n_r else r[:n_r]
+        out.append((prompt, c[n_c:], r[n_r:]))
+    return out
+
+
+def _collate_packed(
+    pairs: list[tuple[list[int], list[int], list[int]]],
+    pad_id: int,
+    p: torch.Tensor,
+    human: torch.Tensor,
+    ref: torch.Tensor,
 ) -> DPOBatch:
-    b = len(examples)
-    prompts, responses = [], []
-    for i in range(b):
-        (chosen, n_c), (rejected, n_r) = encoded[i], encoded[b + i]
-        # one prompt for both: the one cut shorter (for the longer response) keeps both within max_length
-        n = min(n_c, n_r)
-        prompts.append(chosen[:n] if n_c == n else rejected[:n])
-        responses += [chosen[n_c:], rejected[n_r:]]
-    width = max(len(x) for x in prompts)
-    prompt_ids = torch.tensor([[0] * (width - len(x)) + x for x in prompts], dtype=torch.long)
-    prompt_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in prompts], dtype=torch.long)
-    response_ids = pad_right(responses, 0)
-    response_mask = pad_right([[1] * len(x) for x in responses], 0)
-    labels = response_ids.masked_fill(response_mask == 0, IGNORE_INDEX)
-    p = torch.tensor([x.p for x in examples], dtype=torch.float32)
-    human = torch.tensor([math.nan if x.human is None else x.human for x in examples], dtype=torch.float32)
-    n_tokens = int(prompt_mask.sum() + response_mask.sum())
-    return DPOBatch(response_ids, response_mask, labels, p, human, ref, n_tokens, 0, prompt_ids, prompt_mask)
+    input_ids = pad_right([prompt + chosen + rejected for prompt, chosen, rejected in pairs], pad_id)
+    segments = pad_right(
+        [[PROMPT] * len(x) + [CHOSEN] * len(c) + [REJECTED] * len(r) for x, c, r in pairs], PAD
+    )
+    # the rejected response continues the prompt's positions, as if the chosen one were absent
+    positions = pad_right(
+        [list(range(len(x) + len(c))) + list(range(len(x), len(x) + len(r))) for x, c, r in pairs], 0
+    )
+    labels = input_ids.masked_fill(segments <= PROMPT, IGNORE_INDEX)
+    n_prompt = torch.tensor([len(x) for x, _, _ in pairs], dtype=torch.long)
+    n_tokens = int((segments != PAD).sum())
+    return DPOBatch(
+        input_ids, segments != PAD, labels, p, human, ref, n_tokens, int(n_prompt.min()), segments, positions,
+        n_prompt,
+    )  # fmt: skip
+
+
+def pair_widths(
+    tokenizer: Any,
+    examples: list[PreferenceExample],
+    max_length: int,
+    append_eos: bool,
+    chat: bool,
+    packed: bool,
+) -> list[int]:
+    """Tokens each pair needs in a batch: its longer sequence, or its packed row (for length-grouped
+    batches; tokenized in chunks, so a large dataset is never held as ids)."""
+    out: list[int] = []
+    for start in range(0, len(examples), 1024):
+        for prompt, chosen, rejected in encode_pairs(
+            tokenizer, examples[start : start + 1024], max_length, append_eos, chat
+        ):
+            out.append(
+                len(prompt) + (len(chosen) + len(rejected) if packed else max(len(chosen), len(rejected)))
+            )
+    return out
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Every dropout of the model off: `nn.Dropout` modules (GPT-2's attention reads its rate from
+    one) and attention layers' float `attention_dropout` rates (Llama and most newer models)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
 
 
 # ---------------------------------------------------------------- log-probs
@@ -181,13 +259,13 @@ def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
 
 
 def response_logprobs(model: torch.nn.Module, batch: DPOBatch) -> torch.Tensor:
-    """Summed log-probs of each sequence's response tokens, float32 (2B,).
+    """Summed log-probs of each sequence's response tokens, float32 (2B,): chosen, then rejected.
 
     The LM head and the log-softmax run only from the first response position on
     (`logits_to_keep`, where the model takes it): prompt logits would be computed and thrown away.
     """
-    if batch.prompt_ids is not None:
-        return _shared_prompt_logprobs(model, batch)
+    if batch.segments is not None:
+        return _packed_logprobs(model, batch)
     width = batch.input_ids.shape[1]
     keep = width - max(batch.first_label - 1, 0)  # logits at t predict token t+1
     kwargs: dict[str, Any] = {"logits_to_keep": keep} if _accepts_logits_to_keep(model) else {}
@@ -199,31 +277,77 @@ def response_logprobs(model: torch.nn.Module, batch: DPOBatch) -> torch.Tensor:
     return token_logprobs(logits[:, :-1], targets).sum(-1)
 
 
-def _shared_prompt_logprobs(model: torch.nn.Module, batch: DPOBatch) -> torch.Tensor:
-    """`response_logprobs` with each prompt encoded once: the prompt's KV cache (gradients flow
-    through it) is repeated for its two responses, which continue it in one forward pass."""
-    assert batch.prompt_ids is not None and batch.prompt_mask is not None
-    prompt_mask = batch.prompt_mask
-    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at 0
-    kwargs: dict[str, Any] = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
-    out = model(
-        input_ids=batch.prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, **kwargs
-    )  # fmt: skip
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(2)  # row i -> rows 2i (chosen), 2i+1 (rejected)
-    last = out.logits[:, -1:].repeat_interleave(2, dim=0)  # predicts each response's first token
-    lengths = prompt_mask.sum(-1).repeat_interleave(2)
-    width = batch.input_ids.shape[1]
-    response_positions = lengths[:, None] + torch.arange(width, device=lengths.device)
+def _packed_logprobs(model: torch.nn.Module, batch: DPOBatch) -> torch.Tensor:
+    """`response_logprobs` of packed rows (prompt + chosen + rejected, one forward pass): causal
+    attention, except that rejected tokens do not see the chosen ones; each token is predicted by
+    the position before it, except the first rejected token: by the prompt's last token."""
+    assert batch.segments is not None and batch.n_prompt is not None
+    segments, width = batch.segments, batch.input_ids.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=segments.device).tril()
+    hidden_chosen = (segments == REJECTED)[:, :, None] & (segments == CHOSEN)[:, None, :]
+    mask = causal & (segments != PAD)[:, None, :] & ~hidden_chosen  # (B, query, key): True = attend
+    start = int(batch.n_prompt.min()) - 1  # the first position whose logits are needed
+    keep = width - start
+    kwargs: dict[str, Any] = {"logits_to_keep": keep} if _accepts_logits_to_keep(model) else {}
     logits = model(
-        input_ids=batch.input_ids,
-        attention_mask=torch.cat([prompt_mask.repeat_interleave(2, dim=0), batch.attention_mask], dim=-1),
-        position_ids=response_positions,
-        past_key_values=cache,
-        use_cache=True,
-    ).logits
-    logp = token_logprobs(torch.cat([last, logits[:, :-1]], dim=1), batch.labels).sum(-1)
-    return torch.cat([logp[0::2], logp[1::2]])  # chosen first, then rejected, as the other path
+        input_ids=batch.input_ids, attention_mask=mask[:, None], position_ids=batch.position_ids,
+        use_cache=False, **kwargs,
+    ).logits[:, -keep:]  # fmt: skip
+    logp = token_logprobs(logits[:, :-1], batch.labels[:, start + 1 :])  # token t from logits at t - 1
+    # the first rejected token, from the logits at the prompt's last token
+    rows = torch.arange(len(segments), device=segments.device)
+    is_rejected = segments[:, start + 1 :] == REJECTED
+    first = is_rejected & (is_rejected.cumsum(-1) == 1)
+    first_token = torch.gather(batch.input_ids[:, start + 1 :], 1, first.int().argmax(-1, keepdim=True))
+    after_prompt = token_logprobs(logits[rows, batch.n_prompt - 1 - start][:, None], first_token)
+    logp = torch.where(first, after_prompt, logp)
+    seg = segments[:, start + 1 :]
+    return torch.cat([(logp * (seg == CHOSEN)).sum(-1), (logp * (seg == REJECTED)).sum(-1)])
+
+
+@torch.no_grad()
+def packing_matches(
+    model: torch.nn.Module,
+    examples: list[PreferenceExample],
+    tokenizer: Any,
+    config: DPOConfig,
+    chat: bool,
+    device: torch.device,
+) -> bool:
+    """Whether the packed pass gives the model's plain log-probs: checked in float32, eval mode, on
+    the first 4 pairs. A model that ignores the 4D mask or the position ids fails it by nats."""
+    if getattr(getattr(model, "config", None), "_attn_implementation", None) != "sdpa" or not examples:
+        return False
+    was_training = model.training
+    model.eval()
+    sample, dummy = examples[:4], torch.zeros(0, 2)
+
+    def logprobs(share: bool) -> torch.Tensor:
+        batch = collate(sample, dummy, tokenizer, config.max_length, config.append_eos, share, chat)
+        return response_logprobs(model, batch.to(device))
+
+    plain, packed = logprobs(False), logprobs(True)
+    model.train(was_training)
+    return bool(torch.allclose(plain, packed, rtol=1e-3, atol=1e-2))
+
+
+def resolve_share_prompt(
+    model: torch.nn.Module,
+    examples: list[PreferenceExample],
+    tokenizer: Any,
+    config: DPOConfig,
+    chat: bool,
+    device: torch.device,
+) -> tuple[bool, str]:
+    """`share_prompt` as a bool, and a note for the log when "auto" fell back to the plain pass."""
+    if config.share_prompt != "auto":
+        return bool(config.share_prompt), ""
+    attention = getattr(model.config, "_attn_implementation", None)
+    if attention != "sdpa":
+        return False, f" (share_prompt auto: {attention} attention takes no packed rows)"
+    if not packing_matches(model, examples, tokenizer, config, chat, device):
+        return False, " (share_prompt auto: the packed log-probs differ from the plain ones for this model)"
+    return True, ""
 
 
 @torch.no_grad()
@@ -233,27 +357,39 @@ def compute_reference_logprobs(
     tokenizer: Any,
     config: DPOConfig,
     accelerator: Any,
+    chat: bool = False,
+    lengths: list[int] | None = None,
 ) -> torch.Tensor:
-    """(N, 2) log π_ref(chosen), log π_ref(rejected) of every example, in eval mode (no dropout)."""
+    """(N, 2) log π_ref(chosen), log π_ref(rejected) of every example, in eval mode (no dropout).
+    With `lengths` the pairs go through longest first, so each batch holds pairs of similar
+    length (little padding); each pair's log-probs do not depend on its batch."""
     was_training = model.training
     model.eval()
-    out = []
+    out = torch.zeros(len(examples), 2)
+    order = list(range(len(examples)))
+    if lengths:
+        order.sort(key=lambda i: -lengths[i])
     batch_size = config.eval_batch_size or config.batch_size
     dummy = torch.zeros(0, 2)
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
         batch = collate(
-            chunk, dummy, tokenizer, config.max_length, config.append_eos, config.share_prompt
-        ).to(accelerator.device)
+            [examples[i] for i in indices], dummy, tokenizer, config.max_length, config.append_eos,
+            config.share_prompt, chat,
+        ).to(accelerator.device)  # fmt: skip
         with accelerator.autocast():  # the same precision as the policy's forward in training
             logp = response_logprobs(model, batch)
-        out.append(torch.stack(logp.chunk(2), dim=-1).cpu())
+        out[indices] = torch.stack(logp.chunk(2), dim=-1).float().cpu()
     model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, 2)
+    return out
 
 
 def data_hash(
-    train_set: list[PreferenceExample], held_out: list[PreferenceExample], config: DPOConfig, mixed: str
+    train_set: list[PreferenceExample],
+    held_out: list[PreferenceExample],
+    config: DPOConfig,
+    mixed: str,
+    chat: bool = False,
 ) -> str:
     """What the reference log-probs depend on: the examples in order, the reference, the encoding."""
     digest = hashlib.sha256()
@@ -263,6 +399,7 @@ def data_hash(
         config.max_length,
         config.append_eos,
         mixed,
+        chat,
     ]
     digest.update(json.dumps(settings).encode())
     for part in (train_set, held_out):
@@ -357,10 +494,15 @@ def evaluate(
     tokenizer: Any,
     config: DPOConfig,
     accelerator: Any,
+    chat: bool = False,
+    lengths: list[int] | None = None,
 ) -> dict[str, float]:
-    """Held-out loss, implicit rewards, accuracy and log-ratio, summed over all processes."""
+    """Held-out loss, implicit rewards, accuracy and log-ratio, summed over all processes (with
+    `lengths`, this process's pairs go through longest first: batches of similar length)."""
     model.eval()
     shard = eval_shard(len(examples), accelerator.process_index, accelerator.num_processes)
+    if lengths:
+        shard.sort(key=lambda item: -lengths[item[0]])
     sums = torch.zeros(N_SUMS, dtype=torch.float64, device=accelerator.device)
     batch_size = config.eval_batch_size or config.batch_size
     for start in range(0, len(shard), batch_size):
@@ -373,6 +515,7 @@ def evaluate(
             config.max_length,
             config.append_eos,
             config.share_prompt,
+            chat,
         ).to(accelerator.device)
         policy_chosen, policy_rejected = response_logprobs(model, batch).chunk(2)
         loss, r_c, r_r = dpo_loss(
@@ -407,11 +550,20 @@ def train_dpo(config: DPOConfig, resume: bool = False, show_progress: bool = Tru
         ref_source = resolve_model_path(config.ref_model or config.model)
     tokenizer = load_tokenizer(source, config.revision, config.trust_remote_code)
     model = load_pretrained(AutoModelForCausalLM, source, config.revision, config.trust_remote_code)
+    if config.disable_dropout:
+        disable_dropout(model)
+    chat = resolve_chat_template(tokenizer, config.chat_template, config.model)
+    model.to(accelerator.device)
+    packed, layout_note = resolve_share_prompt(model, train_set, tokenizer, config, chat, accelerator.device)
+    config = config.model_copy(update={"share_prompt": packed})  # resolved: a bool from here on
+    # tokens each pair needs in a batch: similar widths are batched together
+    train_lengths = pair_widths(tokenizer, train_set, config.max_length, config.append_eos, chat, packed)
+    held_out_lengths = pair_widths(tokenizer, held_out, config.max_length, config.append_eos, chat, packed)
 
     # Reference log-probs, once per dataset: the main process computes and writes them, the others
     # (and a resumed run) read the file. The reference model is dropped before training starts.
     ref_file = output_dir / REF_FILE
-    expected = data_hash(train_set, held_out, config, accelerator.mixed_precision)
+    expected = data_hash(train_set, held_out, config, accelerator.mixed_precision, chat)
     ref_seconds = 0.0
     with accelerator.main_process_first():
         stored = read_reference_file(ref_file, expected)
@@ -426,18 +578,30 @@ def train_dpo(config: DPOConfig, resume: bool = False, show_progress: bool = Tru
                     AutoModelForCausalLM, ref_source, config.revision, config.trust_remote_code
                 )
             ref_model.to(accelerator.device)
+            if (
+                ref_model is not model
+                and packed
+                and not packing_matches(ref_model, train_set, tokenizer, config, chat, accelerator.device)
+            ):  # another reference architecture: its pass in the plain layout (the same values up to rounding)
+                config = config.model_copy(update={"share_prompt": False})
             stored = {
-                "train": compute_reference_logprobs(ref_model, train_set, tokenizer, config, accelerator),
-                "held_out": compute_reference_logprobs(ref_model, held_out, tokenizer, config, accelerator),
+                "train": compute_reference_logprobs(
+                    ref_model, train_set, tokenizer, config, accelerator, chat, train_lengths
+                ),
+                "held_out": compute_reference_logprobs(
+                    ref_model, held_out, tokenizer, config, accelerator, chat, held_out_lengths
+                ),
             }
             del ref_model  # frees the reference when it was a separate model
+            config = config.model_copy(update={"share_prompt": packed})
             write_reference_file(ref_file, stored, expected, config.ref_model or config.model)
             ref_seconds = time.perf_counter() - started
     ref_train, ref_held_out = stored["train"], stored["held_out"]
 
     loader = ShardedBatches(
-        len(train_set), config.batch_size, accelerator.num_processes, accelerator.process_index, config.seed
-    )
+        len(train_set), config.batch_size, accelerator.num_processes, accelerator.process_index, config.seed,
+        train_lengths if config.group_by_length else None,
+    )  # fmt: skip
     total_steps = plan_steps(config, loader, len(train_set), accelerator.num_processes)
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config, total_steps)
@@ -447,8 +611,10 @@ def train_dpo(config: DPOConfig, resume: bool = False, show_progress: bool = Tru
     logger = MetricsLogger(accelerator, output_dir, config, total_steps, start_step, "DPO", show_progress)
     ids_log = ExampleIdLog(output_dir, accelerator.process_index, config.record_example_ids)
     global_batch = config.batch_size * config.grad_accum_steps * accelerator.num_processes
+    layout = "prompt shared: one packed row per pair" if packed else "chosen and rejected as separate rows"
     logger.print(
-        f"DPO (beta {config.beta}): {len(train_set)} training / {len(held_out)} held-out pairs; "
+        f"DPO (beta {config.beta}): {len(train_set)} training / {len(held_out)} held-out pairs"
+        f"{' (chat template)' if chat else ''}; {layout}{layout_note}; "
         f"{total_steps} steps of {global_batch} pairs ({config.batch_size} x {config.grad_accum_steps} accumulation x "
         f"{accelerator.num_processes} process(es)); {accelerator.device}, mixed precision {accelerator.mixed_precision}"
         + (f"; reference log-probs computed in {ref_seconds:.1f} s -> {ref_file}" if ref_seconds else
@@ -457,7 +623,9 @@ def train_dpo(config: DPOConfig, resume: bool = False, show_progress: bool = Tru
     )  # fmt: skip
     first_metrics = final_metrics = None
     if start_step == 0 and held_out:
-        first_metrics = evaluate(model, held_out, ref_held_out, tokenizer, config, accelerator)
+        first_metrics = evaluate(
+            model, held_out, ref_held_out, tokenizer, config, accelerator, chat, held_out_lengths
+        )
         logger.log(0, first_metrics)
         logger.print(f"step 0 (before training): {format_metrics(first_metrics)}")
 
@@ -478,6 +646,7 @@ def train_dpo(config: DPOConfig, resume: bool = False, show_progress: bool = Tru
                     config.max_length,
                     config.append_eos,
                     config.share_prompt,
+                    chat,
                 )
                 batch = batch.to(accelerator.device)
                 with accelerator.accumulate(model):  # no gradient all-reduce until the last micro-step
@@ -516,7 +685,9 @@ def train_dpo(config: DPOConfig, resume: bool = False, show_progress: bool = Tru
             simulate_kill(step)
 
             if held_out and (step == total_steps or (config.eval_every and step % config.eval_every == 0)):
-                final_metrics = evaluate(model, held_out, ref_held_out, tokenizer, config, accelerator)
+                final_metrics = evaluate(
+                    model, held_out, ref_held_out, tokenizer, config, accelerator, chat, held_out_lengths
+                )
                 check_finite(step, "held-out loss", final_metrics["eval/loss"], last_checkpoint)
                 logger.log(step, {k: v for k, v in final_metrics.items() if not math.isnan(v)})
                 logger.print(f"step {step}: {format_metrics(final_metrics)}")
@@ -529,7 +700,9 @@ def train_dpo(config: DPOConfig, resume: bool = False, show_progress: bool = Tru
         logger.close()
 
     if final_metrics is None and held_out:  # resumed a finished run
-        final_metrics = evaluate(model, held_out, ref_held_out, tokenizer, config, accelerator)
+        final_metrics = evaluate(
+            model, held_out, ref_held_out, tokenizer, config, accelerator, chat, held_out_lengths
+        )
     model_dir = output_dir / "model"
     save_model_folder(accelerator, model, tokenizer, model_dir)
     accelerator.wait_for_everyone()

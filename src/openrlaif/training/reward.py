@@ -18,6 +18,11 @@ LM's transformer body with a scalar value head (`causal_lm_value_head`, reward a
 attended token). The result is an HF model folder (safetensors) that `RewardModel` loads to
 score text; it re-tokenizes, so the policy may use another tokenizer.
 
+Format (`chat_template`, default "auto"): with a tokenizer that has a chat template the prompt is
+rendered as user turn(s) plus the generation prompt (as `generate` encodes it for a policy) and
+the response follows as the assistant's reply; the resolved choice is saved in the folder's
+`openrlaif_reward.json`, so `RewardModel` scores text in the format it was trained on.
+
     openrlaif train rm --config configs/train/rm-tiny.yaml [--resume]
 """
 
@@ -40,6 +45,7 @@ from openrlaif.data.datasets import BUILTIN_DATASETS, load_pairs
 from openrlaif.data.io import RowError, _row_id, _text, parse_pair, read_records
 from openrlaif.errors import ConfigError
 from openrlaif.training.common import (
+    ChatTemplate,
     ExampleIdLog,
     MetricsLogger,
     ShardedBatches,
@@ -49,6 +55,7 @@ from openrlaif.training.common import (
     TrainResult,
     check_finite,
     encode_prompt_completions,
+    encoded_lengths,
     eval_shard,
     format_metrics,
     load_checkpoint,
@@ -61,6 +68,7 @@ from openrlaif.training.common import (
     plan_steps,
     prepare_run,
     quiet_transformers,
+    resolve_chat_template,
     resolve_model_path,
     save_checkpoint,
     save_model_folder,
@@ -79,6 +87,12 @@ class RewardConfig(TrainConfig):
 
     model_type: ModelType = "sequence_classification"
     learning_rate: float = Field(1e-5, gt=0.0)
+    # Batches of pairs of similar length (ShardedBatches): less padding, the same pairs per epoch.
+    group_by_length: bool = True
+    # Prompts rendered with the tokenizer's chat template (as `generate` and RL encode them for the
+    # policy), the response as the assistant's reply; "auto": when the tokenizer has one. The
+    # choice is saved with the model: `RewardModel` scores text the same way.
+    chat_template: ChatTemplate = "auto"
 
 
 # ---------------------------------------------------------------- data
@@ -157,24 +171,42 @@ class PairBatch:
         )
 
 
+def pair_lengths(
+    tokenizer: Any, examples: Sequence[PreferenceExample], max_length: int, append_eos: bool, chat: bool
+) -> list[int]:
+    """Tokens of the longer of each pair's two sequences (prompt + chosen, prompt + rejected): the
+    width the pair needs in a batch, for length-grouped batches."""
+    prompts = [x.prompt for x in examples]
+    chosen = encoded_lengths(tokenizer, prompts, [x.chosen for x in examples], max_length, append_eos, chat)
+    rejected = encoded_lengths(
+        tokenizer, prompts, [x.rejected for x in examples], max_length, append_eos, chat
+    )
+    return [max(c, r) for c, r in zip(chosen, rejected, strict=True)]
+
+
 def encode_texts(
-    tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], max_length: int
+    tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], max_length: int, chat: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids and attention mask of prompt + response (no EOS: the reward is read at the
     response's last token; with pad = eos an appended EOS would be taken for padding)."""
-    encoded = encode_prompt_completions(tokenizer, prompts, responses, max_length, append_eos=False)
+    encoded = encode_prompt_completions(
+        tokenizer, prompts, responses, max_length, append_eos=False, chat=chat
+    )
     input_ids = pad_right([ids for ids, _ in encoded], tokenizer.pad_token_id)
     attention_mask = pad_right([[1] * len(ids) for ids, _ in encoded], 0)
     return input_ids, attention_mask
 
 
-def collate(examples: list[PreferenceExample], tokenizer: Any, max_length: int) -> PairBatch:
+def collate(
+    examples: list[PreferenceExample], tokenizer: Any, max_length: int, chat: bool = False
+) -> PairBatch:
     prompts = [x.prompt for x in examples]
     input_ids, attention_mask = encode_texts(
         tokenizer,
         prompts + prompts,
         [x.chosen for x in examples] + [x.rejected for x in examples],
         max_length,
+        chat,
     )
     p = torch.tensor([x.p for x in examples], dtype=torch.float32)
     human = torch.tensor([math.nan if x.human is None else x.human for x in examples], dtype=torch.float32)
@@ -330,6 +362,7 @@ def evaluate(
     tokenizer: Any,
     config: RewardConfig,
     accelerator: Any,
+    chat: bool = False,
 ) -> dict[str, float]:
     """Held-out loss, accuracy against the AI label (argmax p) and, where known, the human label."""
     model.eval()
@@ -338,7 +371,9 @@ def evaluate(
     batch_size = config.eval_batch_size or config.batch_size
     for start in range(0, len(shard), batch_size):
         chunk = shard[start : start + batch_size]
-        batch = collate([examples[i] for i, _ in chunk], tokenizer, config.max_length).to(accelerator.device)
+        batch = collate([examples[i] for i, _ in chunk], tokenizer, config.max_length, chat).to(
+            accelerator.device
+        )
         rewards = reward_of(model, batch.input_ids, batch.attention_mask)
         r_chosen, r_rejected = rewards.chunk(2)
         weight = torch.tensor([c for _, c in chunk], dtype=torch.float64, device=accelerator.device)
@@ -369,9 +404,18 @@ def train_reward_model(config: RewardConfig, resume: bool = False, show_progress
     model = load_reward_backbone(
         source, config.model_type, tokenizer, config.revision, config.trust_remote_code
     )
+    chat = resolve_chat_template(tokenizer, config.chat_template, config.model)
 
+    lengths = (
+        pair_lengths(tokenizer, train_set, config.max_length, False, chat) if config.group_by_length else None
+    )
     loader = ShardedBatches(
-        len(train_set), config.batch_size, accelerator.num_processes, accelerator.process_index, config.seed
+        len(train_set),
+        config.batch_size,
+        accelerator.num_processes,
+        accelerator.process_index,
+        config.seed,
+        lengths,
     )
     total_steps = plan_steps(config, loader, len(train_set), accelerator.num_processes)
     optimizer = make_optimizer(model, config)
@@ -385,14 +429,15 @@ def train_reward_model(config: RewardConfig, resume: bool = False, show_progress
     ids_log = ExampleIdLog(output_dir, accelerator.process_index, config.record_example_ids)
     global_batch = config.batch_size * config.grad_accum_steps * accelerator.num_processes
     logger.print(
-        f"Reward model ({config.model_type}): {len(train_set)} training / {len(held_out)} held-out pairs; "
+        f"Reward model ({config.model_type}): {len(train_set)} training / {len(held_out)} held-out pairs"
+        f"{' (chat template)' if chat else ''}; "
         f"{total_steps} steps of {global_batch} pairs ({config.batch_size} x {config.grad_accum_steps} accumulation x "
         f"{accelerator.num_processes} process(es)); {accelerator.device}, mixed precision {accelerator.mixed_precision}"
         + (f"; resuming after step {start_step} from {checkpoint.path}" if checkpoint else "")
     )
     first_metrics = final_metrics = None
     if start_step == 0 and held_out:
-        first_metrics = evaluate(model, held_out, tokenizer, config, accelerator)
+        first_metrics = evaluate(model, held_out, tokenizer, config, accelerator, chat)
         logger.log(0, first_metrics)
         logger.print(f"step 0 (before training): {format_metrics(first_metrics)}")
 
@@ -405,7 +450,7 @@ def train_reward_model(config: RewardConfig, resume: bool = False, show_progress
             samples, tokens, ids = 0, 0, []
             for _ in range(config.grad_accum_steps):
                 chunk = [train_set[i] for i in loader.next_batch()]
-                batch = collate(chunk, tokenizer, config.max_length).to(accelerator.device)
+                batch = collate(chunk, tokenizer, config.max_length, chat).to(accelerator.device)
                 with accelerator.accumulate(model):  # no gradient all-reduce until the last micro-step
                     rewards = reward_of(
                         model, batch.input_ids, batch.attention_mask
@@ -445,7 +490,7 @@ def train_reward_model(config: RewardConfig, resume: bool = False, show_progress
             simulate_kill(step)
 
             if held_out and (step == total_steps or (config.eval_every and step % config.eval_every == 0)):
-                final_metrics = evaluate(model, held_out, tokenizer, config, accelerator)
+                final_metrics = evaluate(model, held_out, tokenizer, config, accelerator, chat)
                 check_finite(step, "held-out loss", final_metrics["eval/loss"], last_checkpoint)
                 logger.log(step, {k: v for k, v in final_metrics.items() if not math.isnan(v)})
                 logger.print(f"step {step}: {format_metrics(final_metrics)}")
@@ -454,17 +499,17 @@ def train_reward_model(config: RewardConfig, resume: bool = False, show_progress
                     accelerator, output_dir, step, model, tokenizer, optimizer, scheduler, loader, config.keep_checkpoints
                 )  # fmt: skip
                 if accelerator.is_main_process:
-                    _write_metadata(last_checkpoint / "model", config)
+                    _write_metadata(last_checkpoint / "model", config, chat)
             throughput.started = time.perf_counter()  # eval and saving are not training time
     finally:
         logger.close()
 
     if final_metrics is None and held_out:  # resumed a finished run
-        final_metrics = evaluate(model, held_out, tokenizer, config, accelerator)
+        final_metrics = evaluate(model, held_out, tokenizer, config, accelerator, chat)
     model_dir = output_dir / "model"
     save_model_folder(accelerator, model, tokenizer, model_dir)
     if accelerator.is_main_process:
-        _write_metadata(model_dir, config)
+        _write_metadata(model_dir, config, chat)
     accelerator.wait_for_everyone()
     logger.print(
         f"reward model done: {total_steps} steps; model -> {model_dir} (load it with RewardModel.from_pretrained)"
@@ -475,10 +520,11 @@ def train_reward_model(config: RewardConfig, resume: bool = False, show_progress
     )  # fmt: skip
 
 
-def _write_metadata(directory: Path, config: RewardConfig) -> None:
+def _write_metadata(directory: Path, config: RewardConfig, chat: bool) -> None:
     meta = {
         "model_type": config.model_type,
         "max_length": config.max_length,
+        "chat_template": chat,  # resolved: RewardModel renders prompts the same way
         "trained_by": "openrlaif train rm",
     }
     (directory / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -496,12 +542,18 @@ class RewardModel:
     """
 
     def __init__(
-        self, model: nn.Module, tokenizer: Any, max_length: int = 512, device: str | torch.device = "cpu"
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        max_length: int = 512,
+        device: str | torch.device = "cpu",
+        chat: bool = False,
     ) -> None:
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.device = torch.device(device)
+        self.chat = chat  # prompts rendered with the chat template, as in training
 
     @classmethod
     def from_pretrained(
@@ -514,7 +566,9 @@ class RewardModel:
         tokenizer = load_tokenizer(str(path), trust_remote_code=trust_remote_code)
         model_type = meta.get("model_type", "sequence_classification")
         model = load_reward_backbone(str(path), model_type, tokenizer, trust_remote_code=trust_remote_code)
-        return cls(model, tokenizer, int(meta.get("max_length", 512)), device)
+        # a folder without the setting (another trainer's classifier) gets plain text
+        chat = bool(meta.get("chat_template", False))
+        return cls(model, tokenizer, int(meta.get("max_length", 512)), device, chat)
 
     @torch.no_grad()
     def score(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 16) -> torch.Tensor:
@@ -528,6 +582,7 @@ class RewardModel:
                 prompts[start : start + batch_size],
                 responses[start : start + batch_size],
                 self.max_length,
+                self.chat,
             )
             out.append(reward_of(self.model, input_ids.to(self.device), attention_mask.to(self.device)).cpu())
         return torch.cat(out) if out else torch.zeros(0)

@@ -7,6 +7,12 @@ log-likelihood of the completion tokens: prompt tokens and padding are labeled -
 loss, and an EOS token is appended so the policy learns to stop. A held-out split is evaluated
 before training, every `eval_every` steps and at the end.
 
+Format (`chat_template`): with a tokenizer that has a chat template ("auto", the default, or "on")
+the prompt is rendered as the user turn(s) plus the generation prompt, token for token as
+`openrlaif generate` and the RL trainer encode it for sampling (`generation.encode_prompt`), and
+the completion follows as the assistant's reply; otherwise ("off", or no template) the prompt
+text, a space and the completion. Batches hold examples of similar length (`group_by_length`).
+
     openrlaif train sft --config configs/train/sft-tiny.yaml [--resume]
 """
 
@@ -26,6 +32,7 @@ from openrlaif.data.io import RowError, _row_id, _text, read_records
 from openrlaif.errors import ConfigError
 from openrlaif.training.common import (
     IGNORE_INDEX,
+    ChatTemplate,
     ExampleIdLog,
     MetricsLogger,
     ShardedBatches,
@@ -35,6 +42,7 @@ from openrlaif.training.common import (
     TrainResult,
     check_finite,
     encode_prompt_completions,
+    encoded_lengths,
     eval_shard,
     format_metrics,
     load_checkpoint,
@@ -47,6 +55,7 @@ from openrlaif.training.common import (
     plan_steps,
     prepare_run,
     quiet_transformers,
+    resolve_chat_template,
     resolve_model_path,
     save_checkpoint,
     save_model_folder,
@@ -63,6 +72,13 @@ class SFTConfig(TrainConfig):
     data: str = "hh-harmless"
     learning_rate: float = Field(2e-5, gt=0.0)
     append_eos: bool = True  # end every completion with EOS so generation learns to stop
+    # Batches of examples of similar length (ShardedBatches): less padding, the same examples per
+    # epoch. False: plain shuffled batches.
+    group_by_length: bool = True
+    # Prompts rendered with the tokenizer's chat template (user turn(s) + the generation prompt,
+    # exactly as `generate` and RL encode them), the completion as the assistant's reply, then
+    # EOS; "auto": when the tokenizer has a template. Off: the prompt text, a space, the completion.
+    chat_template: ChatTemplate = "auto"
 
 
 # ---------------------------------------------------------------- data
@@ -113,9 +129,16 @@ class SFTBatch:
         )
 
 
-def collate(examples: list[SFTExample], tokenizer: Any, max_length: int, append_eos: bool) -> SFTBatch:
+def collate(
+    examples: list[SFTExample], tokenizer: Any, max_length: int, append_eos: bool, chat: bool = False
+) -> SFTBatch:
     encoded = encode_prompt_completions(
-        tokenizer, [x.prompt for x in examples], [x.completion for x in examples], max_length, append_eos
+        tokenizer,
+        [x.prompt for x in examples],
+        [x.completion for x in examples],
+        max_length,
+        append_eos,
+        chat,
     )
     input_ids = pad_right([ids for ids, _ in encoded], tokenizer.pad_token_id)
     attention_mask = pad_right([[1] * len(ids) for ids, _ in encoded], 0)
@@ -138,7 +161,12 @@ def sft_loss(model: torch.nn.Module, batch: SFTBatch) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, examples: list[SFTExample], tokenizer: Any, config: SFTConfig, accelerator: Any
+    model: torch.nn.Module,
+    examples: list[SFTExample],
+    tokenizer: Any,
+    config: SFTConfig,
+    accelerator: Any,
+    chat: bool = False,
 ) -> dict[str, float]:
     """Held-out loss (per completion token) and perplexity, summed over all processes."""
     model.eval()
@@ -147,7 +175,9 @@ def evaluate(
     batch_size = config.eval_batch_size or config.batch_size
     for start in range(0, len(shard), batch_size):
         chunk = shard[start : start + batch_size]
-        batch = collate([examples[i] for i, _ in chunk], tokenizer, config.max_length, config.append_eos)
+        batch = collate(
+            [examples[i] for i, _ in chunk], tokenizer, config.max_length, config.append_eos, chat
+        )
         batch = batch.to(accelerator.device)
         logp_sum, n_tokens = sequence_logprobs(model, batch.input_ids, batch.attention_mask, batch.labels)
         counts = torch.tensor([c for _, c in chunk], dtype=torch.float64, device=accelerator.device)
@@ -180,9 +210,19 @@ def train_sft(config: SFTConfig, resume: bool = False, show_progress: bool = Tru
         source = str(checkpoint.model_dir) if checkpoint else resolve_model_path(config.model)
     tokenizer = load_tokenizer(source, config.revision, config.trust_remote_code)
     model = load_pretrained(AutoModelForCausalLM, source, config.revision, config.trust_remote_code)
+    chat = resolve_chat_template(tokenizer, config.chat_template, config.model)
 
+    lengths = None
+    if config.group_by_length:
+        prompts, completions = [x.prompt for x in train_set], [x.completion for x in train_set]
+        lengths = encoded_lengths(tokenizer, prompts, completions, config.max_length, config.append_eos, chat)
     loader = ShardedBatches(
-        len(train_set), config.batch_size, accelerator.num_processes, accelerator.process_index, config.seed
+        len(train_set),
+        config.batch_size,
+        accelerator.num_processes,
+        accelerator.process_index,
+        config.seed,
+        lengths,
     )
     total_steps = plan_steps(config, loader, len(train_set), accelerator.num_processes)
     optimizer = make_optimizer(model, config)
@@ -194,14 +234,15 @@ def train_sft(config: SFTConfig, resume: bool = False, show_progress: bool = Tru
     ids_log = ExampleIdLog(output_dir, accelerator.process_index, config.record_example_ids)
     global_batch = config.batch_size * config.grad_accum_steps * accelerator.num_processes
     logger.print(
-        f"SFT: {len(train_set)} training / {len(held_out)} held-out examples; {total_steps} steps of "
+        f"SFT: {len(train_set)} training / {len(held_out)} held-out examples"
+        f"{' (chat template)' if chat else ''}; {total_steps} steps of "
         f"{global_batch} examples ({config.batch_size} x {config.grad_accum_steps} accumulation x "
         f"{accelerator.num_processes} process(es)); {accelerator.device}, mixed precision {accelerator.mixed_precision}"
         + (f"; resuming after step {start_step} from {checkpoint.path}" if checkpoint else "")
     )
     first_metrics = final_metrics = None
     if start_step == 0 and held_out:
-        first_metrics = evaluate(model, held_out, tokenizer, config, accelerator)
+        first_metrics = evaluate(model, held_out, tokenizer, config, accelerator, chat)
         logger.log(0, first_metrics)
         logger.print(f"step 0 (before training): {format_metrics(first_metrics)}")
 
@@ -213,7 +254,8 @@ def train_sft(config: SFTConfig, resume: bool = False, show_progress: bool = Tru
             losses, samples, tokens, ids = [], 0, 0, []
             for _ in range(config.grad_accum_steps):
                 chunk = [train_set[i] for i in loader.next_batch()]
-                batch = collate(chunk, tokenizer, config.max_length, config.append_eos).to(accelerator.device)
+                batch = collate(chunk, tokenizer, config.max_length, config.append_eos, chat)
+                batch = batch.to(accelerator.device)
                 with accelerator.accumulate(model):  # no gradient all-reduce until the last micro-step
                     loss = sft_loss(model, batch)
                     accelerator.backward(loss)  # divides by grad_accum_steps
@@ -248,7 +290,7 @@ def train_sft(config: SFTConfig, resume: bool = False, show_progress: bool = Tru
             simulate_kill(step)
 
             if held_out and (step == total_steps or (config.eval_every and step % config.eval_every == 0)):
-                final_metrics = evaluate(model, held_out, tokenizer, config, accelerator)
+                final_metrics = evaluate(model, held_out, tokenizer, config, accelerator, chat)
                 check_finite(step, "held-out loss", final_metrics["eval/loss"], last_checkpoint)
                 logger.log(step, final_metrics)
                 logger.print(f"step {step}: {format_metrics(final_metrics)}")
@@ -261,7 +303,7 @@ def train_sft(config: SFTConfig, resume: bool = False, show_progress: bool = Tru
         logger.close()
 
     if final_metrics is None and held_out:  # resumed a finished run
-        final_metrics = evaluate(model, held_out, tokenizer, config, accelerator)
+        final_metrics = evaluate(model, held_out, tokenizer, config, accelerator, chat)
     model_dir = output_dir / "model"
     save_model_folder(accelerator, model, tokenizer, model_dir)
     accelerator.wait_for_everyone()

@@ -1,0 +1,52 @@
+"""End to end: `openrlaif quickstart --tiny` through the installed command, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+STAGES = [
+    "align",
+    "sft:sft",
+    "candidates",
+    "label",
+    "reward_model",
+    "rl:rlaif",
+    "eval:rlaif-vs-sft",
+    "report",
+]
+
+
+def test_quickstart_tiny_runs_every_stage_and_reports_real_numbers(tmp_path: Path) -> None:
+    run_dir = tmp_path / "qs"
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    command = [
+        sys.executable,
+        "-m",
+        "openrlaif.cli",
+        "quickstart",
+        "--tiny",
+        "--run-dir",
+        str(run_dir),
+        "--quiet",
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    manifest = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    assert list(manifest) == STAGES and all(s["status"] == "done" for s in manifest.values())
+    summary = json.loads((run_dir / "eval/rlaif-vs-sft/eval.json").read_text())
+    win = summary["win_rate"]
+    assert win["n"] == 12 and win["wins"] + win["ties"] + win["losses"] == 12
+    assert win["ci95"][0] <= win["value"] <= win["ci95"][1]
+    out = done.stdout
+    assert "rlaif vs sft" in out and f"{100 * win['value']:.1f}%" in out
+    assert "labeler vs humans" in out and "alignment" in out and "report:" in out
+    html = (run_dir / "report.html").read_text()
+    assert "data:image/png;base64," in html and "rlaif" in html
+
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)  # resumes: all done
+    assert again.returncode == 0 and "0 stage(s) run, 0 resumed, 8 up to date" in again.stdout
