@@ -19,14 +19,21 @@ Monte-Carlo-free estimate of how far the policy moved from the reference on the 
 
 The reference log-probs are computed once, before training, by the reference model (the initial
 policy, or `ref_model`), stored in `output_dir/ref_logprobs.safetensors` with a hash of the data,
-and the reference model is freed: training runs one policy forward per batch (chosen and
-rejected concatenated), and a resumed run reads the file instead of recomputing.
+and the reference model is freed: training runs one policy forward per batch, and a resumed run
+reads the file instead of recomputing.
 
-Speed (defaults): dropout is off in the policy (`disable_dropout`, as TRL), batches hold pairs of
-similar length (`group_by_length`: 1.3x fewer padded tokens on hh-harmless), the reference pass
-and the evaluation go through pairs longest first, and AdamW is fused. `chat_template` (default
-"auto") renders prompts with the tokenizer's chat template exactly as `generate` and RL encode
-them, so the policy is trained on the format it is sampled with.
+One forward pass per batch holds both responses of every pair, which follow the same prompt
+tokens. By default (`share_prompt: auto`) each pair is one packed row, prompt + chosen +
+rejected, with an attention mask that hides the chosen response from the rejected one and
+position ids that restart the rejected response after the prompt: the prompt goes through the
+model once instead of twice, for the same log-probs and gradients (checked at the start on a few
+pairs; a model where they differ gets the plain layout, chosen and rejected as separate rows).
+
+Speed (defaults): packed rows; dropout off in the policy (`disable_dropout`, as TRL); batches of
+pairs of similar length (`group_by_length`); the reference pass and the evaluation go through
+pairs longest first; fused AdamW. `chat_template` (default "auto") renders prompts with the
+tokenizer's chat template exactly as `generate` and RL encode them, so the policy is trained on
+the format it is sampled with.
 
 Data: the output of `openrlaif label` (`p_chosen`), any `prompt`/`chosen`/`rejected` file (p = 1),
 pairs with a human label, or the built-in `hh-harmless`: the reward trainer's loader
