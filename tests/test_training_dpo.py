@@ -296,17 +296,20 @@ def test_shared_prompt_logprobs_and_gradients_equal_the_concatenated_pass(
     ]
     grads = []
     values = []
-    for share in (False, True):
-        batch = collate(examples, torch.zeros(6, 2), tokenizer, 512, share_prompt=share)
+    # plain and packed, each also padded to a multiple of 64 tokens (pad_to_multiple_of)
+    for share, multiple in ((False, 1), (True, 1), (False, 64), (True, 64)):
+        batch = collate(examples, torch.zeros(6, 2), tokenizer, 512, share_prompt=share, pad_multiple=multiple)
+        assert batch.input_ids.shape[1] % multiple == 0
         model.zero_grad()
         logp = response_logprobs(model, batch)
         logp.sum().backward()
         values.append(logp.detach())
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     assert values[0].shape == (12,)
-    assert torch.allclose(values[0], values[1], atol=1e-4), (values[0] - values[1]).abs().max()
-    worst = max((grads[0][n] - grads[1][n]).abs().max().item() for n in grads[0])
-    assert worst < 1e-4, worst
+    for other in range(1, 4):
+        assert torch.allclose(values[0], values[other], atol=1e-4), (values[0] - values[other]).abs().max()
+        worst = max((grads[0][n] - grads[other][n]).abs().max().item() for n in grads[0])
+        assert worst < 1e-4, worst
     # the shared batch counts each prompt once
     assert collate(examples, torch.zeros(6, 2), tokenizer, 512, share_prompt=True).n_tokens < (
         collate(examples, torch.zeros(6, 2), tokenizer, 512).n_tokens

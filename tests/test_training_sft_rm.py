@@ -121,6 +121,11 @@ def test_sft_loss_is_hf_completion_only_loss_and_sequence_logprobs_ignore_paddin
         manual = sum(logp[t - 1, ids[t]].item() for t in range(start, len(ids)))
         assert single[0].item() == pytest.approx(manual, abs=1e-4)
 
+        # padded to a multiple of 64 tokens (pad_to_multiple_of): a wider batch, the same loss
+        wide = collate(examples, tokenizer, max_length=128, append_eos=True, pad_multiple=64)
+        assert wide.input_ids.shape[1] % 64 == 0 and wide.input_ids.shape[1] > batch.input_ids.shape[1]
+        assert wide.n_tokens == batch.n_tokens
+        assert sft_loss(model, wide).item() == pytest.approx(ours.item(), rel=1e-5)
 
 def test_truncation_keeps_bos_the_prompt_end_and_half_the_length_for_the_completion(tiny_llama: Path) -> None:
     from transformers import AutoTokenizer
@@ -342,6 +347,10 @@ def test_reward_model_learns_the_rule_from_soft_ai_labels(
             assert same is (chat == reward_model.chat), chat
     rejected = reward_model.score(prompts, [r["rejected"] for r in rows])
     assert (chosen > rejected).float().mean().item() >= 0.9
+    # batches padded to a multiple of 64 tokens (pad_to_multiple_of) score the same
+    reward_model.pad_multiple = 64
+    assert torch.allclose(reward_model.score(prompts, [r["chosen"] for r in rows]), chosen, atol=1e-5)
+    reward_model.pad_multiple = 1
     with_marker = reward_model.score(prompts[:1], [f"good day {MARKER} people"])
     without = reward_model.score(prompts[:1], ["good day time people"])
     assert with_marker.item() > without.item()
@@ -482,7 +491,7 @@ def test_bad_configs_and_data_are_one_line_errors_naming_the_file_and_setting(
     )
     assert error("sft", bad, "--set", "batch_size=-1").startswith(f"{bad} (with --set): batch_size:")
     assert error("sft", tmp_path / "missing.yaml").startswith(
-        f"{tmp_path / 'missing.yaml'}: config file not found"
+        f"{tmp_path / 'missing.yaml'}: no such file, and not a shipped training config"
     )
     (tmp_path / "broken.yaml").write_text("model: [unclosed\n")
     assert error("sft", tmp_path / "broken.yaml").startswith(f"{tmp_path / 'broken.yaml'}:2: invalid YAML")

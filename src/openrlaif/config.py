@@ -180,16 +180,21 @@ def builtin_judge_names() -> list[str]:
     return sorted(p.stem for p in PACKAGED_JUDGE_DIR.glob("*.yaml"))
 
 
-def resolve_judge_path(name_or_path: str) -> Path:
+def resolve_shipped_yaml(name_or_path: str, shipped_dir: Path, kind: str) -> Path:
+    """A YAML file, or one shipped in `shipped_dir` by name (`sft-tiny` = shipped_dir/sft-tiny.yaml);
+    otherwise a one-line error that lists the shipped names."""
     path = Path(name_or_path)
     if path.exists():
         return path
-    packaged = PACKAGED_JUDGE_DIR / f"{name_or_path.removesuffix('.yaml')}.yaml"
-    if packaged.exists():
-        return packaged
-    raise ConfigError(
-        f"judge {name_or_path!r} is neither a file nor a shipped judge ({', '.join(builtin_judge_names())})"
-    )
+    shipped = shipped_dir / f"{name_or_path.removesuffix('.yaml')}.yaml"
+    if shipped.exists():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in shipped_dir.glob("*.yaml")))
+    raise ConfigError(f"{name_or_path}: no such file, and not a shipped {kind} ({names})")
+
+
+def resolve_judge_path(name_or_path: str) -> Path:
+    return resolve_shipped_yaml(name_or_path, PACKAGED_JUDGE_DIR, "judge")
 
 
 def load_judge_config(name_or_path: str) -> JudgeConfig:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,51 +69,61 @@ def data_fingerprint(ref: str) -> str:
     return ref
 
 
-def prompt_rows(ref: str, limit: int | None, what: str) -> list[dict[str, Any]]:
-    ref, part = split_slice(ref)
-    pairs = _builtin_pairs(ref)
+def _rows(
+    ref: str,
+    limit: int | None,
+    what: str,
+    from_pairs: Callable[[str, list[Pair]], list[dict[str, Any]]],
+    from_file: Callable[[str], list[dict[str, Any]]],
+) -> list[dict[str, Any]]:
+    """The rows of a reference: built-in pairs or a file, then the `[a:b]` slice, then `limit`."""
+    base, part = split_slice(ref)
+    pairs = _builtin_pairs(base)
     if pairs is not None:
-        trained_on = {p.prompt for p in hh_harmless_split("train")} if ref.endswith(":eval") else set()
-        distinct = {p.prompt: p.id for p in reversed(pairs) if p.prompt not in trained_on}  # first id wins
-        rows = [{"id": p.id, "prompt": p.prompt} for p in pairs if distinct.get(p.prompt) == p.id]
-    elif Path(ref).is_file():
-        rows = [r.to_dict() for r in read_prompts(ref).records]
+        rows = from_pairs(base, pairs)
+    elif Path(base).is_file():
+        rows = from_file(base)
     else:
-        raise _missing(ref, what)
+        raise _missing(base, what)
     rows = rows[part]
     return rows[:limit] if limit is not None else rows
+
+
+def prompt_rows(ref: str, limit: int | None, what: str) -> list[dict[str, Any]]:
+    """Distinct prompts; the eval part leaves out the prompts the train part has."""
+
+    def from_pairs(base: str, pairs: list[Pair]) -> list[dict[str, Any]]:
+        trained_on = {p.prompt for p in hh_harmless_split("train")} if base.endswith(":eval") else set()
+        distinct = {p.prompt: p.id for p in reversed(pairs) if p.prompt not in trained_on}  # first id wins
+        return [{"id": p.id, "prompt": p.prompt} for p in pairs if distinct.get(p.prompt) == p.id]
+
+    return _rows(ref, limit, what, from_pairs, lambda path: [r.to_dict() for r in read_prompts(path).records])
 
 
 def demonstration_rows(ref: str, limit: int | None, what: str) -> list[dict[str, Any]]:
     """SFT data: prompt + completion (for a built-in dataset, the reply people chose)."""
-    ref, part = split_slice(ref)
-    pairs = _builtin_pairs(ref)
-    if pairs is not None:
-        rows = [{"id": p.id, "prompt": p.prompt, "completion": p.response_a} for p in pairs]
-    elif Path(ref).is_file():
+
+    def from_file(path: str) -> list[dict[str, Any]]:
         from openrlaif.training.sft import parse_sft_row
 
-        rows = [
-            {"id": e.id, "prompt": e.prompt, "completion": e.completion}
-            for e in read_records(ref, parse_sft_row).records
-        ]
-    else:
-        raise _missing(ref, what)
-    rows = rows[part]
-    return rows[:limit] if limit is not None else rows
+        examples = read_records(path, parse_sft_row).records
+        return [{"id": e.id, "prompt": e.prompt, "completion": e.completion} for e in examples]
+
+    def from_pairs(base: str, pairs: list[Pair]) -> list[dict[str, Any]]:
+        return [{"id": p.id, "prompt": p.prompt, "completion": p.response_a} for p in pairs]
+
+    return _rows(ref, limit, what, from_pairs, from_file)
 
 
 def pair_rows(ref: str, limit: int | None, what: str) -> list[dict[str, Any]]:
     """Pairs with human labels (P(A preferred)), for measuring the judge."""
-    ref, part = split_slice(ref)
-    pairs = _builtin_pairs(ref)
-    if pairs is None:
-        if not Path(ref).is_file():
-            raise _missing(ref, what)
-        pairs = read_pairs(ref).records
-    rows = [p.to_dict() for p in pairs]
-    rows = rows[part]
-    return rows[:limit] if limit is not None else rows
+    return _rows(
+        ref,
+        limit,
+        what,
+        lambda base, pairs: [p.to_dict() for p in pairs],
+        lambda path: [p.to_dict() for p in read_pairs(path).records],
+    )
 
 
 def materialize(rows: list[dict[str, Any]], out: Path, what: str) -> Path:

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from openrlaif.config import read_yaml
+from openrlaif.config import read_yaml, resolve_shipped_yaml
 from openrlaif.errors import ConfigError
 
 PACKAGED_EXPERIMENT_DIR = Path(__file__).resolve().parent.parent / "configs" / "experiments"
@@ -162,14 +162,7 @@ class PipelineConfig(_Strict):
 
 def resolve_experiment_path(name_or_path: str) -> Path:
     """A YAML file, or a shipped experiment by name (`quickstart`, `quickstart-tiny`, ...)."""
-    path = Path(name_or_path)
-    if path.exists():
-        return path
-    shipped = PACKAGED_EXPERIMENT_DIR / f"{name_or_path.removesuffix('.yaml')}.yaml"
-    if shipped.exists():
-        return shipped
-    names = ", ".join(sorted(p.stem for p in PACKAGED_EXPERIMENT_DIR.glob("*.yaml")))
-    raise ConfigError(f"{name_or_path}: no such file, and not a shipped experiment ({names})")
+    return resolve_shipped_yaml(name_or_path, PACKAGED_EXPERIMENT_DIR, "experiment")
 
 
 def load_pipeline_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:

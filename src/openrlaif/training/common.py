@@ -25,7 +25,7 @@ import random
 import shutil
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -35,7 +35,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from openrlaif.config import _format_validation_error, load_yaml_model, read_yaml
+from openrlaif.config import _format_validation_error, load_yaml_model, read_yaml, resolve_shipped_yaml
 from openrlaif.errors import ConfigError, OpenRLAIFError
 
 if TYPE_CHECKING:
@@ -69,6 +69,11 @@ class TrainConfig(BaseModel):
     max_eval_examples: int | None = Field(512, ge=1)  # cap on the held-out set (eval cost)
     limit: int | None = Field(None, ge=1)  # use only the first N examples of `data`
     max_length: int = Field(512, ge=8)  # tokens; prompts are cut from the left, completions from the right
+    # Batches are padded to the longest sequence rounded up to a multiple of this. 1: no rounding.
+    # On CPU, every new batch shape leaves the allocator and oneDNN's kernel cache holding more
+    # memory; 64 keeps the shapes few (the quickstart's RM stage: 2.2 instead of 4.0 GiB peak RSS)
+    # for ~10% more compute. On GPUs, 8 or 64 also suits the tensor cores.
+    pad_to_multiple_of: int = Field(1, ge=1)
     output_dir: str
 
     # optimisation
@@ -112,14 +117,7 @@ PACKAGED_TRAIN_DIR = Path(__file__).resolve().parent.parent / "configs" / "train
 
 def resolve_train_config_path(name_or_path: str) -> Path:
     """A config file, or a shipped one by name (`sft-tiny` = configs/train/sft-tiny.yaml)."""
-    path = Path(name_or_path)
-    if path.exists():
-        return path
-    packaged = PACKAGED_TRAIN_DIR / f"{name_or_path.removesuffix('.yaml')}.yaml"
-    if packaged.exists():
-        return packaged
-    shipped = ", ".join(sorted(p.stem for p in PACKAGED_TRAIN_DIR.glob("*.yaml")))
-    raise ConfigError(f"{name_or_path}: config file not found (shipped configs: {shipped})")
+    return resolve_shipped_yaml(name_or_path, PACKAGED_TRAIN_DIR, "training config")
 
 
 def load_train_config(path: str | Path, model: type[C], overrides: Sequence[str] = ()) -> C:
@@ -504,8 +502,9 @@ def encoded_lengths(
     return out
 
 
-def pad_right(seqs: Sequence[Sequence[int]], pad_value: int) -> torch.Tensor:
-    width = max(len(s) for s in seqs)
+def pad_right(seqs: Sequence[Sequence[int]], pad_value: int, multiple: int = 1) -> torch.Tensor:
+    """Right-padded to the longest sequence, rounded up to a multiple of `multiple`."""
+    width = -(-max(len(s) for s in seqs) // multiple) * multiple
     return torch.tensor([list(s) + [pad_value] * (width - len(s)) for s in seqs], dtype=torch.long)
 
 
@@ -823,6 +822,37 @@ def prepare_run(
             _truncate_jsonl(ids_file, keep)
     accelerator.wait_for_everyone()
     return out, checkpoint
+
+
+@dataclass
+class RunStart:
+    """What the supervised trainers (SFT, RM, DPO) have in hand before they load a model."""
+
+    accelerator: Accelerator
+    output_dir: Path
+    checkpoint: Checkpoint | None  # the one to resume from
+    train_set: list[Any]
+    held_out: list[Any]
+    source: str  # where to load the model from: the checkpoint's folder when resuming, else `model`
+
+
+def start_run(
+    config: TrainConfig, resume: bool, load_examples: Callable[[str, int | None], Sequence[Any]]
+) -> RunStart:
+    """The opening the supervised trainers share: quiet library logs, the accelerator, the run
+    folder (and the checkpoint to resume from), the seed, the data and its held-out split."""
+    quiet_transformers()
+    accelerator = make_accelerator(config)
+    output_dir, checkpoint = prepare_run(config, resume, accelerator)
+    set_seed(config.seed)
+    # The held-out split depends only on the seed, so a resumed run gets the same one.
+    examples = load_examples(config.data, config.limit)
+    eval_examples = load_examples(config.eval_data, None) if config.eval_data else None
+    train_set, held_out = split_held_out(examples, config, eval_examples)
+    # from the checkpoint when resuming (the folder holds the tokenizer, and any head, too)
+    with accelerator.main_process_first():  # a `tiny:` model is built once
+        source = str(checkpoint.model_dir) if checkpoint else resolve_model_path(config.model)
+    return RunStart(accelerator, output_dir, checkpoint, train_set, held_out, source)
 
 
 class ExampleIdLog:

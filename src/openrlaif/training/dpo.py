@@ -74,20 +74,16 @@ from openrlaif.training.common import (
     load_checkpoint,
     load_pretrained,
     load_tokenizer,
-    make_accelerator,
     make_optimizer,
     make_scheduler,
     pad_right,
     plan_steps,
-    prepare_run,
-    quiet_transformers,
     resolve_chat_template,
     resolve_model_path,
     save_checkpoint,
     save_model_folder,
-    set_seed,
     simulate_kill,
-    split_held_out,
+    start_run,
     token_logprobs,
 )
 from openrlaif.training.reward import PreferenceExample, agreement, load_preference_examples
@@ -167,16 +163,17 @@ def collate(
     append_eos: bool = True,
     share_prompt: bool = False,
     chat: bool = False,
+    pad_multiple: int = 1,
 ) -> DPOBatch:
     pairs = encode_pairs(tokenizer, examples, max_length, append_eos, chat)
     p = torch.tensor([x.p for x in examples], dtype=torch.float32)
     human = torch.tensor([math.nan if x.human is None else x.human for x in examples], dtype=torch.float32)
     if share_prompt:
-        return _collate_packed(pairs, tokenizer.pad_token_id, p, human, ref)
+        return _collate_packed(pairs, tokenizer.pad_token_id, p, human, ref, pad_multiple)
     sequences = [(prompt + chosen, len(prompt)) for prompt, chosen, _ in pairs]
     sequences += [(prompt + rejected, len(prompt)) for prompt, _, rejected in pairs]
-    input_ids = pad_right([ids for ids, _ in sequences], tokenizer.pad_token_id)
-    attention_mask = pad_right([[1] * len(ids) for ids, _ in sequences], 0)
+    input_ids = pad_right([ids for ids, _ in sequences], tokenizer.pad_token_id, pad_multiple)
+    attention_mask = pad_right([[1] * len(ids) for ids, _ in sequences], 0, pad_multiple)
     labels = input_ids.clone()
     for row, (ids, n_prompt) in enumerate(sequences):
         # by position, not by token id: pad may equal eos, and the appended eos is part of the response
@@ -208,14 +205,19 @@ def _collate_packed(
     p: torch.Tensor,
     human: torch.Tensor,
     ref: torch.Tensor,
+    pad_multiple: int = 1,
 ) -> DPOBatch:
-    input_ids = pad_right([prompt + chosen + rejected for prompt, chosen, rejected in pairs], pad_id)
+    input_ids = pad_right(
+        [prompt + chosen + rejected for prompt, chosen, rejected in pairs], pad_id, pad_multiple
+    )
     segments = pad_right(
-        [[PROMPT] * len(x) + [CHOSEN] * len(c) + [REJECTED] * len(r) for x, c, r in pairs], PAD
+        [[PROMPT] * len(x) + [CHOSEN] * len(c) + [REJECTED] * len(r) for x, c, r in pairs], PAD, pad_multiple
     )
     # the rejected response continues the prompt's positions, as if the chosen one were absent
     positions = pad_right(
-        [list(range(len(x) + len(c))) + list(range(len(x), len(x) + len(r))) for x, c, r in pairs], 0
+        [list(range(len(x) + len(c))) + list(range(len(x), len(x) + len(r))) for x, c, r in pairs],
+        0,
+        pad_multiple,
     )
     labels = input_ids.masked_fill(segments <= PROMPT, IGNORE_INDEX)
     n_prompt = torch.tensor([len(x) for x, _, _ in pairs], dtype=torch.long)
@@ -382,7 +384,7 @@ def compute_reference_logprobs(
         indices = order[start : start + batch_size]
         batch = collate(
             [examples[i] for i in indices], dummy, tokenizer, config.max_length, config.append_eos,
-            config.share_prompt, chat,
+            config.share_prompt, chat, config.pad_to_multiple_of,
         ).to(accelerator.device)  # fmt: skip
         with accelerator.autocast():  # the same precision as the policy's forward in training
             logp = response_logprobs(model, batch)
@@ -523,6 +525,7 @@ def evaluate(
             config.append_eos,
             config.share_prompt,
             chat,
+            config.pad_to_multiple_of,
         ).to(accelerator.device)
         policy_chosen, policy_rejected = response_logprobs(model, batch).chunk(2)
         loss, r_c, r_r = dpo_loss(
@@ -541,19 +544,10 @@ def train_dpo(config: DPOConfig, resume: bool = False, show_progress: bool = Tru
     """Train; with `resume`, continue from the newest checkpoint in `output_dir` exactly."""
     from transformers import AutoModelForCausalLM
 
-    quiet_transformers()
-    accelerator = make_accelerator(config)
-    output_dir, checkpoint = prepare_run(config, resume, accelerator)
-    set_seed(config.seed)
-
-    # Data. The held-out split depends only on the seed, so a resumed run gets the same one.
-    examples = load_preference_examples(config.data, config.limit)
-    eval_examples = load_preference_examples(config.eval_data) if config.eval_data else None
-    train_set, held_out = split_held_out(examples, config, eval_examples)
-
-    # Policy: from the checkpoint when resuming (the folder holds the tokenizer too).
-    with accelerator.main_process_first():  # a `tiny:` model is built once
-        source = str(checkpoint.model_dir) if checkpoint else resolve_model_path(config.model)
+    run = start_run(config, resume, load_preference_examples)
+    accelerator, output_dir, checkpoint, source = run.accelerator, run.output_dir, run.checkpoint, run.source
+    train_set, held_out = run.train_set, run.held_out
+    with accelerator.main_process_first():
         ref_source = resolve_model_path(config.ref_model or config.model)
     tokenizer = load_tokenizer(source, config.revision, config.trust_remote_code)
     model = load_pretrained(AutoModelForCausalLM, source, config.revision, config.trust_remote_code)
@@ -654,6 +648,7 @@ def train_dpo(config: DPOConfig, resume: bool = False, show_progress: bool = Tru
                     config.append_eos,
                     config.share_prompt,
                     chat,
+                    config.pad_to_multiple_of,
                 )
                 batch = batch.to(accelerator.device)
                 with accelerator.accumulate(model):  # no gradient all-reduce until the last micro-step

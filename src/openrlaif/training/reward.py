@@ -61,20 +61,16 @@ from openrlaif.training.common import (
     load_checkpoint,
     load_pretrained,
     load_tokenizer,
-    make_accelerator,
     make_optimizer,
     make_scheduler,
     pad_right,
     plan_steps,
-    prepare_run,
     quiet_transformers,
     resolve_chat_template,
-    resolve_model_path,
     save_checkpoint,
     save_model_folder,
-    set_seed,
     simulate_kill,
-    split_held_out,
+    start_run,
 )
 
 ModelType = Literal["sequence_classification", "causal_lm_value_head"]
@@ -185,20 +181,29 @@ def pair_lengths(
 
 
 def encode_texts(
-    tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], max_length: int, chat: bool = False
+    tokenizer: Any,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    max_length: int,
+    chat: bool = False,
+    pad_multiple: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids and attention mask of prompt + response (no EOS: the reward is read at the
     response's last token; with pad = eos an appended EOS would be taken for padding)."""
     encoded = encode_prompt_completions(
         tokenizer, prompts, responses, max_length, append_eos=False, chat=chat
     )
-    input_ids = pad_right([ids for ids, _ in encoded], tokenizer.pad_token_id)
-    attention_mask = pad_right([[1] * len(ids) for ids, _ in encoded], 0)
+    input_ids = pad_right([ids for ids, _ in encoded], tokenizer.pad_token_id, pad_multiple)
+    attention_mask = pad_right([[1] * len(ids) for ids, _ in encoded], 0, pad_multiple)
     return input_ids, attention_mask
 
 
 def collate(
-    examples: list[PreferenceExample], tokenizer: Any, max_length: int, chat: bool = False
+    examples: list[PreferenceExample],
+    tokenizer: Any,
+    max_length: int,
+    chat: bool = False,
+    pad_multiple: int = 1,
 ) -> PairBatch:
     prompts = [x.prompt for x in examples]
     input_ids, attention_mask = encode_texts(
@@ -207,6 +212,7 @@ def collate(
         [x.chosen for x in examples] + [x.rejected for x in examples],
         max_length,
         chat,
+        pad_multiple,
     )
     p = torch.tensor([x.p for x in examples], dtype=torch.float32)
     human = torch.tensor([math.nan if x.human is None else x.human for x in examples], dtype=torch.float32)
@@ -371,7 +377,8 @@ def evaluate(
     batch_size = config.eval_batch_size or config.batch_size
     for start in range(0, len(shard), batch_size):
         chunk = shard[start : start + batch_size]
-        batch = collate([examples[i] for i, _ in chunk], tokenizer, config.max_length, chat).to(
+        chunk_examples = [examples[i] for i, _ in chunk]
+        batch = collate(chunk_examples, tokenizer, config.max_length, chat, config.pad_to_multiple_of).to(
             accelerator.device
         )
         rewards = reward_of(model, batch.input_ids, batch.attention_mask)
@@ -387,19 +394,9 @@ def evaluate(
 
 def train_reward_model(config: RewardConfig, resume: bool = False, show_progress: bool = True) -> TrainResult:
     """Train; with `resume`, continue from the newest checkpoint in `output_dir` exactly."""
-    quiet_transformers()
-    accelerator = make_accelerator(config)
-    output_dir, checkpoint = prepare_run(config, resume, accelerator)
-    set_seed(config.seed)
-
-    # Data. The held-out split depends only on the seed, so a resumed run gets the same one.
-    examples = load_preference_examples(config.data, config.limit)
-    eval_examples = load_preference_examples(config.eval_data) if config.eval_data else None
-    train_set, held_out = split_held_out(examples, config, eval_examples)
-
-    # Model: from the checkpoint when resuming (the folder holds the tokenizer and the head too).
-    with accelerator.main_process_first():  # a `tiny:` model is built once
-        source = str(checkpoint.model_dir) if checkpoint else resolve_model_path(config.model)
+    run = start_run(config, resume, load_preference_examples)
+    accelerator, output_dir, checkpoint, source = run.accelerator, run.output_dir, run.checkpoint, run.source
+    train_set, held_out = run.train_set, run.held_out
     tokenizer = load_tokenizer(source, config.revision, config.trust_remote_code)
     model = load_reward_backbone(
         source, config.model_type, tokenizer, config.revision, config.trust_remote_code
@@ -450,7 +447,8 @@ def train_reward_model(config: RewardConfig, resume: bool = False, show_progress
             samples, tokens, ids = 0, 0, []
             for _ in range(config.grad_accum_steps):
                 chunk = [train_set[i] for i in loader.next_batch()]
-                batch = collate(chunk, tokenizer, config.max_length, chat).to(accelerator.device)
+                batch = collate(chunk, tokenizer, config.max_length, chat, config.pad_to_multiple_of)
+                batch = batch.to(accelerator.device)
                 with accelerator.accumulate(model):  # no gradient all-reduce until the last micro-step
                     rewards = reward_of(
                         model, batch.input_ids, batch.attention_mask
@@ -548,12 +546,14 @@ class RewardModel:
         max_length: int = 512,
         device: str | torch.device = "cpu",
         chat: bool = False,
+        pad_multiple: int = 1,
     ) -> None:
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.device = torch.device(device)
         self.chat = chat  # prompts rendered with the chat template, as in training
+        self.pad_multiple = pad_multiple  # batches padded to a multiple of this many tokens
 
     @classmethod
     def from_pretrained(
@@ -583,6 +583,7 @@ class RewardModel:
                 responses[start : start + batch_size],
                 self.max_length,
                 self.chat,
+                self.pad_multiple,
             )
             out.append(reward_of(self.model, input_ids.to(self.device), attention_mask.to(self.device)).cpu())
         return torch.cat(out) if out else torch.zeros(0)

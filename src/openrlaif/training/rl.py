@@ -337,6 +337,7 @@ def make_reward_fn(config: RLConfig, tokenizer: Any, device: torch.device, judge
         from openrlaif.training.reward import RewardModel
 
         rm = RewardModel.from_pretrained(source.path or "", device=device)
+        rm.pad_multiple = config.pad_to_multiple_of  # the scoring batches' shapes, as in training
         return lambda prompts, texts, ids: rm.score_generations(
             prompts, ids, tokenizer, source.batch_size
         ).tolist()

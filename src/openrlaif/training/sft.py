@@ -48,21 +48,16 @@ from openrlaif.training.common import (
     load_checkpoint,
     load_pretrained,
     load_tokenizer,
-    make_accelerator,
     make_optimizer,
     make_scheduler,
     pad_right,
     plan_steps,
-    prepare_run,
-    quiet_transformers,
     resolve_chat_template,
-    resolve_model_path,
     save_checkpoint,
     save_model_folder,
     sequence_logprobs,
-    set_seed,
     simulate_kill,
-    split_held_out,
+    start_run,
 )
 
 
@@ -130,7 +125,12 @@ class SFTBatch:
 
 
 def collate(
-    examples: list[SFTExample], tokenizer: Any, max_length: int, append_eos: bool, chat: bool = False
+    examples: list[SFTExample],
+    tokenizer: Any,
+    max_length: int,
+    append_eos: bool,
+    chat: bool = False,
+    pad_multiple: int = 1,
 ) -> SFTBatch:
     encoded = encode_prompt_completions(
         tokenizer,
@@ -140,8 +140,8 @@ def collate(
         append_eos,
         chat,
     )
-    input_ids = pad_right([ids for ids, _ in encoded], tokenizer.pad_token_id)
-    attention_mask = pad_right([[1] * len(ids) for ids, _ in encoded], 0)
+    input_ids = pad_right([ids for ids, _ in encoded], tokenizer.pad_token_id, pad_multiple)
+    attention_mask = pad_right([[1] * len(ids) for ids, _ in encoded], 0, pad_multiple)
     labels = input_ids.clone()
     for row, (ids, n_prompt) in enumerate(encoded):
         # by position, not by token id: pad may equal eos, and the appended eos must be learned
@@ -176,7 +176,12 @@ def evaluate(
     for start in range(0, len(shard), batch_size):
         chunk = shard[start : start + batch_size]
         batch = collate(
-            [examples[i] for i, _ in chunk], tokenizer, config.max_length, config.append_eos, chat
+            [examples[i] for i, _ in chunk],
+            tokenizer,
+            config.max_length,
+            config.append_eos,
+            chat,
+            config.pad_to_multiple_of,
         )
         batch = batch.to(accelerator.device)
         logp_sum, n_tokens = sequence_logprobs(model, batch.input_ids, batch.attention_mask, batch.labels)
@@ -195,19 +200,9 @@ def train_sft(config: SFTConfig, resume: bool = False, show_progress: bool = Tru
     """Train; with `resume`, continue from the newest checkpoint in `output_dir` exactly."""
     from transformers import AutoModelForCausalLM
 
-    quiet_transformers()
-    accelerator = make_accelerator(config)
-    output_dir, checkpoint = prepare_run(config, resume, accelerator)
-    set_seed(config.seed)
-
-    # Data. The held-out split depends only on the seed, so a resumed run gets the same one.
-    examples = load_sft_examples(config.data, config.limit)
-    eval_examples = load_sft_examples(config.eval_data) if config.eval_data else None
-    train_set, held_out = split_held_out(examples, config, eval_examples)
-
-    # Model: from the checkpoint when resuming (the folder holds the tokenizer too).
-    with accelerator.main_process_first():  # a `tiny:` model is built once
-        source = str(checkpoint.model_dir) if checkpoint else resolve_model_path(config.model)
+    run = start_run(config, resume, load_sft_examples)
+    accelerator, output_dir, checkpoint, source = run.accelerator, run.output_dir, run.checkpoint, run.source
+    train_set, held_out = run.train_set, run.held_out
     tokenizer = load_tokenizer(source, config.revision, config.trust_remote_code)
     model = load_pretrained(AutoModelForCausalLM, source, config.revision, config.trust_remote_code)
     chat = resolve_chat_template(tokenizer, config.chat_template, config.model)
@@ -254,7 +249,9 @@ def train_sft(config: SFTConfig, resume: bool = False, show_progress: bool = Tru
             losses, samples, tokens, ids = [], 0, 0, []
             for _ in range(config.grad_accum_steps):
                 chunk = [train_set[i] for i in loader.next_batch()]
-                batch = collate(chunk, tokenizer, config.max_length, config.append_eos, chat)
+                batch = collate(
+                    chunk, tokenizer, config.max_length, config.append_eos, chat, config.pad_to_multiple_of
+                )
                 batch = batch.to(accelerator.device)
                 with accelerator.accumulate(model):  # no gradient all-reduce until the last micro-step
                     loss = sft_loss(model, batch)
