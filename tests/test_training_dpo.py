@@ -298,7 +298,9 @@ def test_shared_prompt_logprobs_and_gradients_equal_the_concatenated_pass(
     values = []
     # plain and packed, each also padded to a multiple of 64 tokens (pad_to_multiple_of)
     for share, multiple in ((False, 1), (True, 1), (False, 64), (True, 64)):
-        batch = collate(examples, torch.zeros(6, 2), tokenizer, 512, share_prompt=share, pad_multiple=multiple)
+        batch = collate(
+            examples, torch.zeros(6, 2), tokenizer, 512, share_prompt=share, pad_multiple=multiple
+        )
         assert batch.input_ids.shape[1] % multiple == 0
         model.zero_grad()
         logp = response_logprobs(model, batch)

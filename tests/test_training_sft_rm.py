@@ -127,6 +127,7 @@ def test_sft_loss_is_hf_completion_only_loss_and_sequence_logprobs_ignore_paddin
         assert wide.n_tokens == batch.n_tokens
         assert sft_loss(model, wide).item() == pytest.approx(ours.item(), rel=1e-5)
 
+
 def test_truncation_keeps_bos_the_prompt_end_and_half_the_length_for_the_completion(tiny_llama: Path) -> None:
     from transformers import AutoTokenizer
 
