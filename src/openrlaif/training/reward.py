@@ -557,7 +557,11 @@ class RewardModel:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, device: str | torch.device = "cpu", trust_remote_code: bool = False
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        trust_remote_code: bool = False,
+        pad_multiple: int = 1,
     ) -> RewardModel:
         quiet_transformers()
         path = Path(path)
@@ -568,7 +572,7 @@ class RewardModel:
         model = load_reward_backbone(str(path), model_type, tokenizer, trust_remote_code=trust_remote_code)
         # a folder without the setting (another trainer's classifier) gets plain text
         chat = bool(meta.get("chat_template", False))
-        return cls(model, tokenizer, int(meta.get("max_length", 512)), device, chat)
+        return cls(model, tokenizer, int(meta.get("max_length", 512)), device, chat, pad_multiple)
 
     @torch.no_grad()
     def score(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 16) -> torch.Tensor:

@@ -336,8 +336,10 @@ def make_reward_fn(config: RLConfig, tokenizer: Any, device: torch.device, judge
     if source.type == "reward_model":
         from openrlaif.training.reward import RewardModel
 
-        rm = RewardModel.from_pretrained(source.path or "", device=device)
-        rm.pad_multiple = config.pad_to_multiple_of  # the scoring batches' shapes, as in training
+        # scoring batches padded as the trainers pad theirs
+        rm = RewardModel.from_pretrained(
+            source.path or "", device=device, pad_multiple=config.pad_to_multiple_of
+        )
         return lambda prompts, texts, ids: rm.score_generations(
             prompts, ids, tokenizer, source.batch_size
         ).tolist()
