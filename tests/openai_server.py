@@ -26,11 +26,12 @@ vLLM, SGLang and OpenAI return:
 Greedy when temperature == 0, else sampling with a torch generator seeded by `seed`. Top-N may be
 as large as the vocabulary, so a test can read every token's log-probability.
 
-Faults, consumed one per POST in order: "429" (with Retry-After), "500", "503", "400" (a
-non-retryable error carrying `error_message`), "slow" (sleep `slow_s`, past the client's
-timeout, then answer), "garbled" (200 with invalid JSON), "nologprobs" (200, valid JSON, no
-logprobs), "drop" (close the connection without a reply). `fail_all` set to a fault name makes
-every POST fail that way (a dead fleet member).
+Faults, consumed one per POST in order: "429" (with Retry-After), "500", "503", "400" and "401"
+(non-retryable), "slow" (sleep `slow_s`, past the client's timeout, then answer), "garbled" (200
+with invalid JSON), "nologprobs" (200, valid JSON, no logprobs), "drop" (close the connection
+without a reply). The error faults carry `error_message` when it is set (a server that echoes
+what it was sent, the API key included). `fail_all` set to a fault name makes every POST fail
+that way (a dead fleet member).
 
 Manual use: python tests/openai_server.py --model DIR --port 8000
 """
@@ -53,7 +54,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-FAULTS = ("429", "500", "503", "400", "slow", "garbled", "nologprobs", "drop")
+FAULTS = ("429", "500", "503", "400", "401", "slow", "garbled", "nologprobs", "drop")
 
 
 @dataclass
@@ -160,7 +161,7 @@ class OpenAITestServer:
         self.delay_s = 0.0  # added to every POST, so concurrent requests overlap measurably
         self.slow_s = 2.0
         self.retry_after = "0"
-        self.error_message = "invalid request"
+        self.error_message: str | None = None  # the body of the error faults; None: a stock text
         self.requests: list[RecordedRequest] = []
         self.reloads: list[tuple[str, str]] = []  # (model_path, weights digest after the reload)
         self.in_flight = 0
@@ -424,9 +425,13 @@ class _Handler(BaseHTTPRequestHandler):
         if fault == "429":
             self._error(429, "rate limit reached", {"Retry-After": self.owner.retry_after})
         elif fault in ("500", "503"):
-            self._error(int(fault), "the server had an error while processing the request")
+            self._error(
+                int(fault), self.owner.error_message or "the server had an error while processing the request"
+            )
         elif fault == "400":
-            self._error(400, self.owner.error_message)
+            self._error(400, self.owner.error_message or "invalid request")
+        elif fault == "401":
+            self._error(401, self.owner.error_message or "invalid api key")
         elif fault == "garbled":
             self._send(200, b'{"id": "cmpl-x", "choices": [{"text": "1", "logpr', "application/json")
         elif fault == "nologprobs":

@@ -490,3 +490,106 @@ def test_label_command_with_an_http_judge_fleet(server, server_b, tmp_path: Path
     printed = capsys.readouterr().out
     assert f"{server.url}: " in printed and f"{server_b.url}: " in printed
     assert sum(int(n) for n in __import__("re").findall(r"(\d+) retries", printed)) == 3
+
+
+# ---------------------------------------------------------------- an echoed key, end to end
+
+# Every 4-character piece of this key holds a letter outside hex digits (so no hash in the cache can
+# contain one) and none is an English word: a piece found in a file can only be the key leaking.
+SECRET = "sk-Zq8Wv3Xj7Kp2Ty9R"
+
+
+def _key_pieces(key: str) -> set[str]:
+    return {key[i : i + 4] for i in range(len(key) - 3)}
+
+
+def _leaks(text: str | bytes, key: str = SECRET) -> list[str]:
+    data = text.encode() if isinstance(text, str) else text
+    return sorted(p for p in _key_pieces(key) if p.encode() in data)
+
+
+def _judge_yaml(path: Path, *servers: OpenAITestServer) -> Path:
+    urls = ", ".join(f"'{s.url}'" for s in servers)
+    path.write_text(
+        f"backend: openai\nmodel: tiny-gpt2\nbase_urls: [{urls}]\napi_key_env: MY_JUDGE_KEY\n"
+        "top_logprobs: 1024\nmax_retries: 1\nbackoff_base_s: 0.01\nbackoff_max_s: 0.02\ntimeout_s: 10\n"
+    )
+    return path
+
+
+def _pairs_jsonl(path: Path, pairs: list[OrderedPair] = PAIRS) -> Path:
+    rows = [
+        {"id": f"p{i}", "prompt": p.prompt, "response_a": p.first, "response_b": p.second, "human_label": 1.0}
+        for i, p in enumerate(pairs)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_redact_masks_the_key_and_every_piece_of_it() -> None:
+    from openrlaif.redaction import redact
+
+    partly_masked = f"Incorrect API key provided: {SECRET[:8]}*****{SECRET[-4:]}."
+    assert redact(partly_masked, SECRET) == "Incorrect API key provided: ***********."
+    assert redact(f"key={SECRET}!", SECRET) == "key=***!"
+    assert redact("Bearer " + SECRET[5:12] + " x", SECRET) == "Bearer *** x"
+    assert redact("nothing here, sk- only", SECRET) == "nothing here, sk- only"  # 3 characters say nothing
+    assert redact("abc", None) == "abc" and redact("xx ab xx", "ab") == "xx *** xx"
+
+
+@pytest.mark.parametrize("fault", ["401", "500"])
+def test_a_key_echoed_by_the_server_appears_nowhere(
+    fault: str, server: OpenAITestServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """A server echoes the key (whole, and partly masked as OpenAI does) in its error bodies: not one
+    4-character piece of it reaches the console or any file the runs wrote (outputs, cache)."""
+    from openrlaif.cli import main
+
+    monkeypatch.setenv("MY_JUDGE_KEY", SECRET)
+    judge = _judge_yaml(tmp_path / "judge.yaml", server)
+    pairs = _pairs_jsonl(tmp_path / "pairs.jsonl")
+    cache = tmp_path / "cache" / "judgments.sqlite3"
+    label = ["label", "--pairs", str(pairs), "--judge", str(judge), "--cache", str(cache), "--quiet"]
+    assert main([*label, "--out", str(tmp_path / "ok.jsonl")]) == 0
+    assert server.posts()[0].headers["authorization"] == f"Bearer {SECRET}"  # the key was really sent
+
+    server.error_message = f"Incorrect API key provided: {SECRET[:8]}*****{SECRET[-4:]} (you sent {SECRET})"
+    server.fail_all = fault
+    assert main([*label, "--out", str(tmp_path / "failed.jsonl"), "--no-cache"]) == 2
+    console = capsys.readouterr()
+    # the in-process server's model may warn on stderr too; the command's error is one line of its own
+    (error,) = [line for line in console.err.splitlines() if line.startswith("error: ")]
+    assert f"HTTP {fault}" in error and "***" in error
+    assert _leaks(console.out + console.err) == []
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "judgments.sqlite3" for p in written) and (tmp_path / "ok.jsonl").exists()
+    assert {str(p.relative_to(tmp_path)): _leaks(p.read_bytes()) for p in written} == {
+        str(p.relative_to(tmp_path)): [] for p in written
+    }
+
+
+def test_a_key_echoed_into_a_pipeline_run_stays_out_of_its_manifest_and_report(
+    server: OpenAITestServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from openrlaif.cli import main
+
+    monkeypatch.setenv("MY_JUDGE_KEY", SECRET)
+    run_dir = tmp_path / "run"
+    experiment = tmp_path / "experiment.yaml"
+    config = {
+        "name": "echo", "run_dir": str(run_dir), "model": "tiny:gpt2", "policies": {},
+        "judge": str(_judge_yaml(tmp_path / "judge.yaml", server)),
+        "align": {"dataset": str(_pairs_jsonl(tmp_path / "pairs.jsonl"))},
+    }  # fmt: skip
+    experiment.write_text(json.dumps(config))
+    server.error_message = f"bad key {SECRET[:8]}*****{SECRET[-4:]}"
+    server.fail_all = "401"
+    assert main(["run", str(experiment), "--quiet"]) == 2
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["stages"]["align"]["status"] == "failed" and "***" in manifest["stages"]["align"]["error"]
+    assert main(["report", str(run_dir), "--quiet"]) == 0
+    assert (run_dir / "report.html").exists()
+    console = capsys.readouterr()
+    assert _leaks(console.out + console.err) == []
+    for path in (p for p in tmp_path.rglob("*") if p.is_file()):
+        assert _leaks(path.read_bytes()) == [], path

@@ -19,8 +19,9 @@ full jitter, on a different server when there is one; other 4xx fail at once. Th
 `OpenAIClient`, which `openrlaif generate` shares.
 
 The API key is read from the environment variable named by `api_key_env` at request time and
-only ever placed in the Authorization header: it is not stored on the judge, and it is scrubbed
-from every error message the judge raises.
+only ever placed in the Authorization header: it is not stored on the judge, and it is masked in
+every error message the judge raises, whole and in pieces (`redaction.redact`: servers echo keys
+partly masked, "sk-TESTS*****T123").
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from openrlaif.judges.base import (
     two_way_softmax,
 )
 from openrlaif.judges.prompts import load_template_set, render_pairwise
+from openrlaif.redaction import redact
 
 T = TypeVar("T")
 
@@ -260,8 +262,7 @@ class OpenAIClient:
         return (os.environ.get(name) or None) if name else None
 
     def _redact(self, text: str) -> str:
-        key = self._api_key()
-        return text.replace(key, "***") if key else text
+        return redact(text, self._api_key())
 
     def _clean(self, text: str, limit: int = 200) -> str:
         """Server-supplied text for an error message: key scrubbed first, then cut short."""
