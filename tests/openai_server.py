@@ -30,8 +30,10 @@ Faults, consumed one per POST in order: "429" (with Retry-After), "500", "503", 
 (non-retryable), "slow" (sleep `slow_s`, past the client's timeout, then answer), "garbled" (200
 with invalid JSON), "nologprobs" (200, valid JSON, no logprobs), "drop" (close the connection
 without a reply). The error faults carry `error_message` when it is set (a server that echoes
-what it was sent, the API key included). `fail_all` set to a fault name makes every POST fail
-that way (a dead fleet member).
+what it was sent, the API key included). The log-prob faults answer 200 with every returned
+log-prob replaced: "nan", "inf", "-inf", "positive" (+0.5: a probability above 1) and "overfull"
+(each log(0.6): valid one by one, summing past 1). `fail_all` set to a fault name makes every POST
+fail that way (a dead fleet member).
 
 Manual use: python tests/openai_server.py --model DIR --port 8000
 """
@@ -54,7 +56,14 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-FAULTS = ("429", "500", "503", "400", "401", "slow", "garbled", "nologprobs", "drop")
+LOGPROB_FAULTS = {
+    "nan": math.nan,
+    "inf": math.inf,
+    "-inf": -math.inf,
+    "positive": 0.5,
+    "overfull": math.log(0.6),
+}
+FAULTS = ("429", "500", "503", "400", "401", "slow", "garbled", "nologprobs", "drop", *LOGPROB_FAULTS)
 
 
 @dataclass
@@ -384,6 +393,22 @@ class OpenAITestServer:
         }
 
 
+def _with_logprobs(reply: dict[str, Any], value: float | None) -> dict[str, Any]:
+    """`reply` with every log-prob (completions and chat shapes) set to `value` (None: as it is)."""
+    logprobs = reply["choices"][0].get("logprobs")
+    if value is None or not logprobs:
+        return reply
+    if "content" in logprobs:  # chat
+        for entry in logprobs["content"]:
+            entry["logprob"] = value
+            for top in entry["top_logprobs"]:
+                top["logprob"] = value
+    else:
+        logprobs["token_logprobs"] = [value] * len(logprobs["token_logprobs"])
+        logprobs["top_logprobs"] = [dict.fromkeys(top, value) for top in logprobs["top_logprobs"]]
+    return reply
+
+
 def _logaddexp(a: float, b: float) -> float:
     high = max(a, b)
     return high + math.log(math.exp(a - high) + math.exp(b - high))
@@ -418,7 +443,7 @@ class _Handler(BaseHTTPRequestHandler):
                 time.sleep(self.owner.delay_s)
             if fault is not None and self._apply_fault(fault):
                 return
-            self._serve(body)
+            self._serve(body, LOGPROB_FAULTS.get(fault or ""))
 
     def _apply_fault(self, fault: str) -> bool:
         """Fail this request as `fault` says; False when the request should still be served."""
@@ -443,18 +468,21 @@ class _Handler(BaseHTTPRequestHandler):
         elif fault == "slow":
             time.sleep(self.owner.slow_s)
             return False
+        elif fault in LOGPROB_FAULTS:
+            return False  # served, with the log-probs replaced
         return True
 
-    def _serve(self, body: Any) -> None:
+    def _serve(self, body: Any, logprob: float | None = None) -> None:
+        """Answer the request; with `logprob`, every log-prob in the reply is replaced by it."""
         if not isinstance(body, dict):
             self._error(400, "the request body is not a JSON object")
             return
         route = self.path.rstrip("/")
         try:
             if route == "/v1/completions":
-                self._json(200, self.owner.completions(body))
+                self._json(200, _with_logprobs(self.owner.completions(body), logprob))
             elif route == "/v1/chat/completions":
-                self._json(200, self.owner.chat(body))
+                self._json(200, _with_logprobs(self.owner.chat(body), logprob))
             elif route == "/update_weights_from_disk":
                 self._json(200, self.owner.update_weights_from_disk(body))
             else:

@@ -28,6 +28,31 @@ def test_cache_is_wal_and_round_trips(tmp_path: Path) -> None:
     assert mode == "wal"
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.5, 1.5])
+def test_a_judgment_that_is_no_probability_is_never_cached(bad: float, tmp_path: Path) -> None:
+    """Any backend (a broken local model gives NaN too): the batch stops before the cache."""
+    from openrlaif.errors import JudgeError
+    from openrlaif.judges.base import ScoreJudgment
+
+    class Broken(ScriptedJudge):
+        def p_first(self, first: str, second: str) -> float:
+            return bad if "poison" in first + second else super().p_first(first, second)
+
+        def score_responses(self, items):  # type: ignore[no-untyped-def]
+            return [ScoreJudgment(score=3 * bad) for _ in items]  # outside [-1, 1] too
+
+    judge = Broken()
+    judge.cache = JudgmentCache(tmp_path / "c.sqlite3")
+    judge.compare("q", "safe", "b")
+    with pytest.raises(
+        JudgeError, match=r"'scripted-safe' gave P\(first preferred\) = .* in \[0, 1\]; nothing"
+    ):
+        judge.compare_many([("q", "safe a", "b"), ("q", "poison", "b")])
+    with pytest.raises(JudgeError, match=r"gave score = .* in \[-1, 1\]"):
+        judge.score("q", "r")
+    assert len(judge.cache) == 2  # the good pair's two orders only
+
+
 def test_key_depends_on_order_judge_and_kind() -> None:
     fp = {"backend": "x", "model": "m"}
     base = judgment_key(fp, "pair", ["p", "a", "b"])

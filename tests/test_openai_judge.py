@@ -230,7 +230,23 @@ def test_direct_score_splits_ten(arch, request, make_judge) -> None:
 # ---------------------------------------------------------------- faults and retries
 
 
-@pytest.mark.parametrize("fault", ["429", "500", "503", "slow", "garbled", "nologprobs", "drop"])
+@pytest.mark.parametrize(
+    "fault",
+    [
+        "429",
+        "500",
+        "503",
+        "slow",
+        "garbled",
+        "nologprobs",
+        "drop",
+        "nan",
+        "inf",
+        "-inf",
+        "positive",
+        "overfull",
+    ],
+)
 def test_fault_is_retried_and_answer_unchanged(fault, server, make_judge) -> None:
     judge = make_judge(server, timeout_s=1.0)
     server.slow_s = 1.5  # past the client's timeout
@@ -273,6 +289,45 @@ def test_client_error_is_not_retried(server, make_judge) -> None:
     wrong = make_judge(server, model="no-such-model")
     with pytest.raises(JudgeError, match=r"HTTP 404: The model `no-such-model` does not exist.*check model="):
         wrong.judge_orders(PAIRS[:1])
+
+
+@pytest.mark.parametrize("fault", ["nan", "inf", "-inf", "positive", "overfull"])
+def test_unusable_logprobs_give_no_row_no_cache_entry_and_one_line(
+    fault: str, server: OpenAITestServer, tmp_path: Path, capsys
+) -> None:
+    """A server that keeps sending log-probs that are no probabilities (NaN, ±inf, p > 1, or
+    summing past 1): each reply is retried, then the job stops with one line; nothing is written
+    to the output or the cache, so a re-run asks again instead of serving a poisoned label."""
+    from openrlaif.cli import main
+
+    judge = tmp_path / "judge.yaml"
+    judge.write_text(
+        f"backend: openai\nmodel: tiny-gpt2\nbase_urls: ['{server.url}']\napi_key_env: null\n"
+        "top_logprobs: 1024\nmax_retries: 2\nbackoff_base_s: 0.01\nbackoff_max_s: 0.02\n"
+    )
+    pairs = _pairs_jsonl(tmp_path / "pairs.jsonl")
+    out, cache = tmp_path / "labeled.jsonl", tmp_path / "cache.sqlite3"
+    server.fail_all = fault
+    args = ["label", "--pairs", str(pairs), "--judge", str(judge), "--out", str(out), "--cache", str(cache)]
+    assert main([*args, "--quiet"]) == 2
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert "3 attempt(s)" in error and "unusable reply" in error
+    assert len(server.posts()) >= 3  # retried before giving up
+    assert not out.exists() or out.read_text() == ""
+    assert JudgmentCache(cache).get_many([]) == {} and len(JudgmentCache(cache)) == 0
+
+    server.fail_all = None  # the server is fixed: the same command labels every pair
+    assert main([*args, "--quiet"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == len(PAIRS) and all(0.0 < r["p_a"] < 1.0 for r in rows)
+
+
+def test_unusable_score_logprobs_are_refused_on_the_chat_endpoint(llama_lm, make_judge) -> None:
+    with OpenAITestServer(llama_lm) as server:
+        judge = make_judge(server, model="tiny-llama", endpoint="chat", max_retries=1)
+        server.fail_all = "nan"
+        with pytest.raises(JudgeError, match=r"2 attempt\(s\).*log-prob of token .* is nan"):
+            judge.score_responses([("Hi", "Hello!")])
 
 
 def test_exhausted_retries_name_the_url(server, make_judge) -> None:

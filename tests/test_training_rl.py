@@ -22,7 +22,7 @@ import torch
 from scripted_judge import ScriptedJudge
 from training_toys import sft_rows, write
 
-from openrlaif.errors import ConfigError
+from openrlaif.errors import ConfigError, JudgeError
 from openrlaif.judges.base import OrderedPair, OrderJudgment, ScoreJudgment
 from openrlaif.training.common import (
     TrainingError,
@@ -402,8 +402,16 @@ def test_non_finite_reward_stops_naming_the_step_and_the_quantity(
     tiny_gpt2: Path, prompts: Path, tmp_path: Path
 ) -> None:
     config = rl_config(tiny_gpt2, prompts, tmp_path / "nan", max_steps=2, batch_size=2)
-    with pytest.raises(TrainingError, match=r"^step 1: reward is nan \(no checkpoint was written"):
+    # a judge's NaN stops at the judge, before it can be cached or become a reward
+    with pytest.raises(JudgeError, match=r"^scripted judge 'scripted-vowel' gave score = nan, not a finite"):
         train_rl(config, show_progress=False, judge=VowelJudge(nan=True))
+
+    class NaNRewards:  # any other source of rewards (a reward model, a scorer object) meets RL's own check
+        def score_many(self, items: Sequence[tuple[str, str]]) -> list[ScoreJudgment]:
+            return [ScoreJudgment(score=math.nan) for _ in items]
+
+    with pytest.raises(TrainingError, match=r"^step 1: reward is nan \(no checkpoint was written"):
+        train_rl(config, show_progress=False, judge=NaNRewards())
 
 
 def test_config_errors_and_the_shipped_config(tiny_gpt2: Path, prompts: Path, tmp_path: Path) -> None:

@@ -13,13 +13,27 @@ mitigation: `compare` judges both orders and averages P(A preferred) over them.
 from __future__ import annotations
 
 import json
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from openrlaif.data.records import JudgeIdentity
+from openrlaif.errors import JudgeError
 from openrlaif.judges.cache import JudgmentCache, judgment_key
+
+ROUNDING = 1e-9  # a value computed in floating point may pass its bound by this much
+
+
+def _out_of_range(
+    name: str, value: float | None, low: float = -math.inf, high: float = math.inf
+) -> str | None:
+    """Why `value` cannot be a judgment's `name` (not a finite number in [low, high]), or None."""
+    if value is None or (math.isfinite(value) and low - ROUNDING <= value <= high + ROUNDING):
+        return None
+    bounds = f" in [{low:g}, {high:g}]" if math.isfinite(low) and math.isfinite(high) else ""
+    return f"{name} = {value}, not a finite number{bounds}"
 
 
 @dataclass(frozen=True)
@@ -37,6 +51,9 @@ class OrderJudgment:
     rationales: list[str] = field(default_factory=list)  # chain of thought, one per sample
     cached: bool = False
 
+    def problem(self) -> str | None:
+        return _out_of_range("P(first preferred)", self.p_first, 0.0, 1.0)
+
     def to_cache(self) -> dict[str, Any]:
         return {"p_first": self.p_first, "rationales": self.rationales}
 
@@ -50,6 +67,9 @@ class ScoreJudgment:
     score: float  # in [-1, 1]
     expected: float | None = None  # probability-weighted 1-10 score, when the judge reads tokens
     cached: bool = False
+
+    def problem(self) -> str | None:
+        return _out_of_range("score", self.score, -1.0, 1.0) or _out_of_range("expected score", self.expected)
 
     def to_cache(self) -> dict[str, Any]:
         return {"score": self.score, "expected": self.expected}
@@ -162,6 +182,7 @@ class Judge(ABC):
         if todo_keys:
             first_text = {k: t for k, t in zip(keys, texts, strict=True)}
             fresh = run([first_text[k] for k in todo_keys])
+            self._check(fresh)
             new = dict(zip(todo_keys, fresh, strict=True))
             if self.cache is not None:
                 self.cache.put_many(
@@ -172,6 +193,17 @@ class Judge(ABC):
             self.cache.hits += sum(k in found for k in keys)
             self.cache.misses += len(todo_keys)
         return [results[k] for k in keys]
+
+    def _check(self, judged: Sequence[OrderJudgment | ScoreJudgment]) -> None:
+        """The last gate before the cache and the output files: a NaN or out-of-range judgment
+        (a broken model or server) stops the job instead of becoming a label."""
+        for judgment in judged:
+            problem = judgment.problem()
+            if problem is not None:
+                raise JudgeError(
+                    f"{self.backend} judge {self.model_name!r} gave {problem}; nothing of this batch was "
+                    "written or cached"
+                )
 
     # ------------------------------------------------------------ public API
 

@@ -14,9 +14,9 @@ returns the top log-probabilities of the next token and the judge reads the labe
 Requests run concurrently on a private event loop in a background thread (so the synchronous
 API works from scripts, threads and notebooks alike), at most `concurrency` at a time, spread
 over `base_urls` (least in flight, round-robin on ties). Transient failures (429, 5xx, timeouts,
-connection errors, unparsable or incomplete replies) are retried with exponential backoff and
-full jitter, on a different server when there is one; other 4xx fail at once. That transport is
-`OpenAIClient`, which `openrlaif generate` shares.
+connection errors, unparsable or incomplete replies, log-probs that are NaN, infinite or above 0)
+are retried with exponential backoff and full jitter, on a different server when there is one;
+other 4xx fail at once. That transport is `OpenAIClient`, which `openrlaif generate` shares.
 
 The API key is read from the environment variable named by `api_key_env` at request time and
 only ever placed in the Authorization header: it is not stored on the judge, and it is masked in
@@ -129,6 +129,25 @@ def _best_variant(top: TopTokens, label: str) -> str:
 # ---------------------------------------------------------------- parsing replies
 
 
+# Slack for rounding in the server's arithmetic (float32, bf16 logits): a log-prob may come back a
+# hair above 0, and the top tokens' probabilities may sum a hair above 1.
+LOGPROB_SLACK = 1e-4
+PROBABILITY_SLACK = 1e-3
+
+
+def usable_top(top: TopTokens) -> TopTokens:
+    """`top` when its numbers can be probabilities: every log-prob finite and at most 0, their
+    probabilities summing to at most 1. A reply with NaN, ±inf or p > 1 is a server fault: it is
+    retried like a garbled reply and never becomes a label (softmax over it gives NaN)."""
+    for token, logprob in top:
+        if not math.isfinite(logprob) or logprob > LOGPROB_SLACK:
+            raise _Unusable(f"the log-prob of token {token!r} is {logprob}, not a log-probability")
+    total = math.fsum(math.exp(logprob) for _, logprob in top)
+    if total > 1.0 + PROBABILITY_SLACK:
+        raise _Unusable(f"the returned tokens' probabilities sum to {total:.4g}, more than 1")
+    return top
+
+
 def _completion_top(data: Any) -> TopTokens:
     logprobs = data["choices"][0]["logprobs"]
     top = logprobs["top_logprobs"][0]
@@ -139,7 +158,7 @@ def _completion_top(data: Any) -> TopTokens:
     tokens, token_lps = logprobs.get("tokens"), logprobs.get("token_logprobs")
     if tokens and token_lps and token_lps[0] is not None and tokens[0] not in top:
         pairs.append((str(tokens[0]), float(token_lps[0])))
-    return pairs
+    return usable_top(pairs)
 
 
 def _chat_top(data: Any) -> TopTokens:
@@ -147,7 +166,7 @@ def _chat_top(data: Any) -> TopTokens:
     pairs = [(str(t["token"]), float(t["logprob"])) for t in entry["top_logprobs"]]
     if entry.get("token") is not None and all(entry["token"] != t for t, _ in pairs):
         pairs.append((str(entry["token"]), float(entry["logprob"])))
-    return pairs
+    return usable_top(pairs)
 
 
 def _completion_text(data: Any) -> str:
@@ -321,7 +340,8 @@ class OpenAIClient:
                         try:
                             value = read(response.json())
                         except (ValueError, KeyError, IndexError, TypeError, _Unusable) as e:
-                            raise _Unusable(f"unusable reply ({type(e).__name__}: {e})") from None
+                            why = str(e) if isinstance(e, _Unusable) else f"{type(e).__name__}: {e}"
+                            raise _Unusable(f"unusable reply ({why})") from None
                         server.consecutive_failures = 0
                         server.avoid_until = 0.0
                         return value
