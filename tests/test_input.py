@@ -117,3 +117,36 @@ def test_cli_bad_input_is_one_line_not_a_traceback(
         err
         == f"error: {path}:2: missing fields: need 'prompt', 'response_a', 'response_b' (or 'prompt', 'chosen', 'rejected')\n"
     )
+
+
+def _labeled_row(i: int, **labels: float) -> dict:
+    from openrlaif.data.records import JudgeIdentity, LabeledPair
+
+    row = LabeledPair(
+        f"r{i}", "q", "a", "b", 0.7, 0.8, 0.6, JudgeIdentity("scripted", "m", "0" * 12), human_label=1.0
+    ).to_dict()
+    return row | labels
+
+
+@pytest.mark.parametrize("field", ["p_a", "p_chosen", "human_label"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -0.25, 1.5])
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_readers_of_labeled_files_refuse_a_label_that_is_no_probability(
+    tmp_path: Path, field: str, value: float, suffix: str
+) -> None:
+    """A NaN soft label (a faulty judge, an older version, another tool) stops every reader at its
+    file and line: alignment metrics, the human-label export, reward-model and DPO training."""
+    from openrlaif.evaluation.human import read_labeled_rows
+    from openrlaif.labeling import load_labeled
+    from openrlaif.training.reward import load_preference_examples
+
+    readers = (load_labeled, read_labeled_rows, lambda p: load_preference_examples(str(p)))
+    good = tmp_path / f"good{suffix}"
+    write_records(good, [_labeled_row(1), _labeled_row(2)])
+    assert [len(read(good)) for read in readers] == [2, 2, 2]
+    path = tmp_path / f"labeled{suffix}"
+    write_records(path, [_labeled_row(1), _labeled_row(2, **{field: value})])
+    for read in readers:
+        with pytest.raises(InputError) as err:
+            read(path)
+        assert str(err.value) == f"{path}:2: field {field!r} must be a number in [0, 1]", read

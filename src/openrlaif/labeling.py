@@ -21,7 +21,14 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from openrlaif.data.io import JsonlAppender, read_jsonl_dicts, write_records
+from openrlaif.data.io import (
+    JsonlAppender,
+    RowError,
+    check_labeled_row,
+    read_jsonl_dicts,
+    read_records,
+    write_records,
+)
 from openrlaif.data.records import LabeledPair, Pair, ResponseRecord, ScoredResponse
 from openrlaif.judges.base import Judge
 
@@ -150,8 +157,16 @@ def score_responses(
     return _run_job(records, out, chunk_size, judge, "scoring responses", process, show_progress)
 
 
+def parse_labeled(row: dict[str, Any], line: int) -> LabeledPair:
+    """A row of a labeled file, its labels checked (`check_labeled_row`)."""
+    check_labeled_row(row)
+    if not isinstance(row.get("judge"), dict) or set(row["judge"]) != {"backend", "model", "template_hash"}:
+        raise RowError("field 'judge' must be {backend, model, template_hash}")
+    return LabeledPair.from_dict(row)
+
+
 def load_labeled(path: str | Path) -> list[LabeledPair]:
-    return [LabeledPair.from_dict(r) for r in _read_any(Path(path))]
+    return read_records(path, parse_labeled).records
 
 
 # ---------------------------------------------------------------- metrics

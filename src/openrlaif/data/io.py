@@ -142,12 +142,39 @@ def _row_id(row: dict[str, Any], line: int) -> str:
     return str(value)
 
 
+def probability(row: dict[str, Any], key: str) -> float:
+    """`row[key]` as a probability; NaN and infinities are refused like any number outside [0, 1]."""
+    value = row[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise RowError(f"field {key!r} must be a number in [0, 1]")
+    return float(value)
+
+
+# What every row of an `openrlaif label` output has, and the probabilities it may hold (people's
+# labels merged in by `openrlaif human import` add `ai_p_a`).
+LABELED_FIELDS = ("id", "prompt", "response_a", "response_b", "p_a", "p_a_ab", "p_a_ba")
+LABEL_FIELDS = ("p_a", "p_a_ab", "p_a_ba", "p_chosen", "human_label", "ai_p_a")
+
+
+def check_label_fields(row: dict[str, Any]) -> None:
+    """Every label of a labeled row that is present is a probability: a NaN soft label written by
+    an older version or another tool stops here, at its file and line, not in a trainer's loss."""
+    for key in LABEL_FIELDS:
+        if row.get(key) is not None:
+            probability(row, key)
+
+
+def check_labeled_row(row: dict[str, Any]) -> None:
+    """A row of an `openrlaif label` output: its fields there, its labels probabilities."""
+    for key in LABELED_FIELDS:
+        if row.get(key) is None:
+            raise RowError(f"missing field {key!r}: not an `openrlaif label` output")
+    check_label_fields(row)
+
+
 def _human_label(row: dict[str, Any]) -> float | None:
     if "human_label" in row and row["human_label"] is not None:
-        value = row["human_label"]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-            raise RowError("field 'human_label' must be a number in [0, 1] (P(A preferred))")
-        return float(value)
+        return probability(row, "human_label")
     if "preferred" in row and row["preferred"] is not None:
         value = str(row["preferred"]).strip().lower()
         if value not in ("a", "b", "tie"):

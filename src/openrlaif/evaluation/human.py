@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from openrlaif.data.io import iter_rows, write_records
+from openrlaif.data.io import RowError, check_labeled_row, iter_rows, write_records
 from openrlaif.errors import ConfigError, InputError
 
 INSTRUCTIONS = (
@@ -38,7 +38,6 @@ INSTRUCTIONS = (
 EXPORT_COLUMNS = ["id", "human_label", "prompt", "response_a", "response_b", "ai_p_a", "ai_orders_disagree",
                   "instructions"]  # fmt: skip
 LABELS = {"a": 1.0, "b": 0.0, "tie": 0.5}
-_NEEDED = ("id", "prompt", "response_a", "response_b", "p_a", "p_a_ab", "p_a_ba")
 
 
 def _check_format(path: Path, flag: str) -> str:
@@ -58,9 +57,10 @@ def read_labeled_rows(path: str | Path) -> list[dict[str, Any]]:
     for line, row in iter_rows(path):
         if isinstance(row, InputError):
             raise row
-        for key in _NEEDED:
-            if row.get(key) is None:
-                raise InputError(str(path), line, f"missing field {key!r}: not an `openrlaif label` output")
+        try:
+            check_labeled_row(row)
+        except RowError as e:
+            raise InputError(str(path), line, str(e)) from None
         rows.append(row)
     return rows
 

@@ -42,7 +42,15 @@ from pydantic import Field
 from torch import nn
 
 from openrlaif.data.datasets import BUILTIN_DATASETS, load_pairs
-from openrlaif.data.io import RowError, _row_id, _text, parse_pair, read_records
+from openrlaif.data.io import (
+    RowError,
+    _row_id,
+    _text,
+    check_label_fields,
+    parse_pair,
+    probability,
+    read_records,
+)
 from openrlaif.errors import ConfigError
 from openrlaif.training.common import (
     ChatTemplate,
@@ -104,23 +112,17 @@ class PreferenceExample:
     human: float | None = None  # P(chosen is better) according to people, when known
 
 
-def _probability(row: dict[str, Any], key: str) -> float:
-    value = row[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-        raise RowError(f"field {key!r} must be a number in [0, 1]")
-    return float(value)
-
-
 def parse_preference_row(row: dict[str, Any], line: int) -> PreferenceExample:
     if "p_chosen" in row and row["p_chosen"] is not None:  # `openrlaif label` output: soft AI label
+        check_label_fields(row)
         chosen, rejected = _text(row, "chosen"), _text(row, "rejected")
         human = None
         if row.get("human_label") is not None:  # P(A preferred); A may be the rejected one
-            human_a = _probability(row, "human_label")
+            human_a = probability(row, "human_label")
             a_is_chosen = row.get("response_a", chosen) == chosen
             human = human_a if a_is_chosen else 1.0 - human_a
         return PreferenceExample(
-            _row_id(row, line), _text(row, "prompt"), chosen, rejected, _probability(row, "p_chosen"), human
+            _row_id(row, line), _text(row, "prompt"), chosen, rejected, probability(row, "p_chosen"), human
         )
     pair = parse_pair(row, line)  # prompt/chosen/rejected, response_a/b + human label, HH dialogues
     explicit_human = "response_a" in row and pair.human_label is not None
