@@ -270,3 +270,77 @@ def test_shipped_experiment_templates_run_end_to_end_on_the_tiny_models(name: st
         summary = json.loads((tmp_path / "run" / f"eval/{a}-vs-{b}/eval.json").read_text())
         assert summary["win_rate"]["n"] == 4
     assert (tmp_path / "run" / "report.html").exists()
+
+
+# ---------------------------------------------------------------- one writer, a full disk
+
+
+def _align_only(tmp_path: Path) -> tuple[Path, Path]:
+    """An experiment of one quick stage (the judge against human labels) and the report."""
+    run_dir = tmp_path / "run"
+    experiment = tmp_path / "experiment.yaml"
+    experiment.write_text(
+        yaml.safe_dump(
+            {
+                "name": "align-only",
+                "run_dir": str(run_dir),
+                "model": "tiny:gpt2",
+                "policies": {},
+                "align": {"dataset": "hh-harmless:eval", "limit": 16},
+            }
+        )  # fmt: skip
+    )
+    return experiment, run_dir
+
+
+def test_a_second_pipeline_on_the_same_run_directory_is_refused_and_the_first_finishes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from writers import paused_writer
+
+    from openrlaif.cli import main
+
+    experiment, run_dir = _align_only(tmp_path)
+    command = [sys.executable, "-m", "openrlaif.cli", "run", str(experiment), "--quiet"]
+    env = {**os.environ, "OPENRLAIF_CACHE": str(tmp_path / "cache.sqlite3")}
+    with paused_writer(command, run_dir, env) as first:
+        assert main(["run", str(experiment), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {run_dir} is being written by pid {first.pid} (openrlaif run ")
+        assert err.count("\n") == 1
+    assert {name: s["status"] for name, s in _manifest(run_dir).items()} == {
+        "align": "done",
+        "report": "done",
+    }
+    assert not list(tmp_path.rglob("*.lock"))
+
+
+def test_a_full_disk_in_the_run_directory_is_one_line_and_the_run_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills up while a stage writes its output, and stays full while the pipeline would
+    record the failure: one line naming the file, and the next run resumes the stage."""
+    from writers import fsync_fails_for
+
+    from openrlaif.cli import main
+
+    experiment, run_dir = _align_only(tmp_path)
+    full = {"since": False}
+
+    def disk_full(path: str) -> bool:
+        full["since"] |= path.endswith("align.json.tmp")
+        return full["since"] and path.startswith(str(run_dir))
+
+    monkeypatch.setattr(os, "fsync", fsync_fails_for(disk_full))
+    assert main(["run", str(experiment), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.splitlines()[-1].startswith(
+        f"error: {run_dir / 'align.json'}: the disk is full (no space left on device)"
+    )
+    assert _manifest(run_dir)["align"]["status"] == "running"  # the manifest could not take the news
+    assert not list(run_dir.rglob("*.tmp"))
+
+    monkeypatch.undo()  # space freed
+    result = run_pipeline(load_pipeline_config(experiment), show_progress=False, quiet=True)
+    assert result.resumed == ["align"] and result.ran == ["report"]
+    assert json.loads((run_dir / "align.json").read_text())["pairs"] == 16

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -191,3 +192,81 @@ def test_align_with_a_local_causal_lm_judge(tiny_llama: Path, tmp_path: Path) ->
     same = sum((r["p_a_ab"] > 0.5) == (r["p_a_ba"] < 0.5) for r in labels) / 8
     assert m["same_position_preferred"] == pytest.approx(same)
     assert m["job"]["cache_misses"] == 16
+
+
+# ---------------------------------------------------------------- one writer, a full disk
+
+
+def _ids(path: Path) -> list[str]:
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return [str(r["id"]) for r in pq.read_table(path).to_pylist()]
+    return [json.loads(line)["id"] for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_a_second_job_on_the_same_output_is_refused_and_the_first_finishes_intact(
+    suffix: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two `openrlaif label` on one --out (tmux, a scheduler): the second is refused at once with one
+    line naming the first; the first finishes with every row once. (Before: both wrote every row.)"""
+    from writers import paused_writer
+
+    pairs, out = _pairs_file(tmp_path / "pairs.jsonl", 48), tmp_path / f"same{suffix}"
+    args = ["label", "--pairs", str(pairs), "--out", str(out), "--chunk-size", "8", "--quiet"]
+    env = {**os.environ, "OPENRLAIF_CACHE": str(tmp_path / "cache.sqlite3")}
+    with paused_writer([sys.executable, "-m", "openrlaif.cli", *args], out, env) as first:
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {out} is being written by pid {first.pid} (openrlaif label --pairs ")
+        assert err.count("\n") == 1 and "one output takes one writer" in err
+    ids = _ids(out)
+    assert len(ids) == 48 and len(set(ids)) == 48
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith((".lock", ".tmp", ".partial.jsonl"))]
+
+
+@pytest.mark.parametrize("disk", ["tmpfs", "injected"])
+def test_a_full_disk_is_one_line_keeps_the_rows_written_and_the_same_command_resumes(
+    disk: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The output's disk fills up mid-job: one line naming the file (not a traceback out of
+    io.close), every complete chunk kept, no torn row; after space is freed the same command goes on."""
+    from writers import fsync_fails_for, grow, tiny_disk
+
+    pairs = _pairs_file(tmp_path / "pairs.jsonl", 48)
+    with contextlib.ExitStack() as stack:
+        if disk == "tmpfs":  # a real filesystem of 48 KiB: about 25 of the 48 rows fit
+            folder = stack.enter_context(tiny_disk(tmp_path / "disk", "48k"))
+        else:  # the same, told by the OS: ENOSPC once the output holds 3 chunks
+            folder = tmp_path / "out"
+            written = {"chunks": 0}
+
+            def full(path: str) -> bool:
+                written["chunks"] += path.endswith("labeled.jsonl")
+                return written["chunks"] > 3
+
+            monkeypatch.setattr(os, "fsync", fsync_fails_for(full))
+        out = folder / "labeled.jsonl"
+        args = ["label", "--pairs", str(pairs), "--out", str(out), "--chunk-size", "8", "--quiet"]
+        assert main(args) == 2
+        err = capsys.readouterr().err  # the judge's model loading draws a progress bar first
+        assert (
+            "Traceback" not in err
+            and err.endswith("\n")
+            and err.splitlines()[-1]
+            == (
+                f"error: {out}: the disk is full (no space left on device); what was saved before is kept: "
+                "free some space and run the same command again to go on from there"
+            )
+        )
+        kept = _ids(out)  # every line is a whole row
+        assert 0 < len(kept) < 48 and len(kept) % 8 == 0 and len(set(kept)) == len(kept)
+        if disk == "tmpfs":
+            grow(folder, "4m")
+        else:
+            monkeypatch.undo()
+        assert main(args) == 0
+        assert f"({48 - len(kept)} new, {len(kept)} already done)" in capsys.readouterr().out
+        ids = _ids(out)
+        assert ids[: len(kept)] == kept and len(ids) == 48 and len(set(ids)) == 48

@@ -463,6 +463,64 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     assert all(torch.isfinite(t).all() for t in weights.values())
 
 
+def test_a_second_run_on_the_same_output_dir_is_refused_and_the_first_finishes_intact(
+    tiny_gpt2: Path, sft_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from writers import paused_writer
+
+    out = tmp_path / "sft"
+    config = _run_config(
+        tmp_path, "sft", model=str(tiny_gpt2), data=str(sft_data), output_dir=str(out), max_steps=4,
+        batch_size=4, eval_every=0, save_every=2, limit=40, tensorboard=False,
+    )  # fmt: skip
+    command = [sys.executable, "-m", "openrlaif.cli", "train", "sft", "--config", str(config), "--quiet"]
+    with paused_writer(command, out, _cli_env()) as first:
+        for second in (["--quiet"], ["--quiet", "--resume"]):
+            assert main(["train", "sft", "--config", str(config), *second]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"error: {out} is being written by pid {first.pid} (openrlaif train sft ")
+            assert err.count("\n") == 1
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3, 4, 4]  # each step once (4: training, then the held-out evaluation)
+    assert latest_checkpoint(out).step == 4 and (out / "model" / "model.safetensors").exists()
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_the_run_resumes(
+    tiny_gpt2: Path, sft_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    import errno
+
+    from openrlaif.training import common
+
+    out = tmp_path / "sft"
+    config = _run_config(
+        tmp_path, "sft", model=str(tiny_gpt2), data=str(sft_data), output_dir=str(out), max_steps=6,
+        batch_size=4, eval_every=0, save_every=2, limit=40, tensorboard=False,
+    )  # fmt: skip
+    real_save = common.save_state_files
+
+    def save_until_the_disk_fills(state: dict[str, Any], directory: Path, name: str) -> None:
+        if directory.name == ".step-00000004.tmp":  # the disk fills up while the second one is written
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_save(state, directory, name)
+
+    monkeypatch.setattr(common, "save_state_files", save_until_the_disk_fills)
+    assert main(["train", "sft", "--config", str(config), "--quiet"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {out / 'checkpoints' / 'step-00000004'}: the disk is full (no space left on device); what was "
+        "saved before is kept: free some space and run the same command again to go on from there\n"
+    )
+    assert latest_checkpoint(out).step == 2  # the complete one; the half-written one is gone
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
+
+    monkeypatch.undo()  # space freed
+    assert main(["train", "sft", "--config", str(config), "--quiet", "--resume"]) == 0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3, 4, 5, 6, 6]
+    assert latest_checkpoint(out).step == 6
+
+
 def test_bad_configs_and_data_are_one_line_errors_naming_the_file_and_setting(
     tiny_gpt2: Path, sft_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

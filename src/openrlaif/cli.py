@@ -223,15 +223,18 @@ def print_alignment_table(metrics: dict[str, Any], title: str) -> None:
 
 def _judge_file(args: argparse.Namespace, records_path: str, read: Any, job: Any, what: str) -> int:
     """label/score: read the input, run the resumable job with the judge, report."""
+    from openrlaif.data.lock import one_writer
+
     result_read = read(records_path, skip_invalid=args.skip_invalid)
     _report_skipped(result_read.skipped)
-    judge = _open_judge(args)
-    try:
-        result = job(
-            result_read.records, judge, args.out, chunk_size=args.chunk_size, show_progress=not args.quiet
-        )
-    finally:
-        judge.close()
+    with one_writer(args.out):  # a second writer is refused before the judge is even loaded
+        judge = _open_judge(args)
+        try:
+            result = job(
+                result_read.records, judge, args.out, chunk_size=args.chunk_size, show_progress=not args.quiet
+            )
+        finally:
+            judge.close()
     _print_job(result, what)
     _print_server_stats(judge)
     return 0
@@ -250,17 +253,22 @@ def run_align(
     chunk_size: int = 64, quiet: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     from openrlaif.data.datasets import load_pairs
+    from openrlaif.data.io import write_text_atomic
+    from openrlaif.data.lock import one_writer
     from openrlaif.labeling import alignment_metrics, label_pairs, load_labeled
 
     read = load_pairs(dataset, skip_invalid=skip_invalid, limit=limit)
     out = Path(out)
     labels_path = Path(labels_out) if labels_out else out.with_name(out.stem + ".labels.jsonl")
     args = argparse.Namespace(judge=judge_name, cache=cache, no_cache=no_cache)
-    judge = _open_judge(args)
-    try:
-        job = label_pairs(read.records, judge, labels_path, chunk_size=chunk_size, show_progress=not quiet)
-    finally:
-        judge.close()
+    with one_writer(labels_path):  # refused before the judge is loaded when another job writes it
+        judge = _open_judge(args)
+        try:
+            job = label_pairs(
+                read.records, judge, labels_path, chunk_size=chunk_size, show_progress=not quiet
+            )
+        finally:
+            judge.close()
     wanted = {p.id for p in read.records}
     labeled = [x for x in load_labeled(labels_path) if x.id in wanted]
     metrics = alignment_metrics(labeled, seed=seed)
@@ -268,8 +276,7 @@ def run_align(
         dataset=dataset, judge=judge_name, judge_identity=judge.identity("pair").to_dict(), labels=str(labels_path),
         source_rows_skipped=len(read.skipped), job=job.to_dict(),
     )  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(out, json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
@@ -370,6 +377,16 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except OpenRLAIFError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a full disk where no writer named its file is one line too
+        from openrlaif.data.io import is_disk_full
+        from openrlaif.errors import DiskFullError
+
+        if not is_disk_full(e):
+            raise
+        print(
+            f"error: {DiskFullError(getattr(e, 'filename', None) or 'a file being written')}", file=sys.stderr
+        )
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished work is saved; run the same command again to resume", file=sys.stderr)

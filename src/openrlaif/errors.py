@@ -21,3 +21,18 @@ class ConfigError(OpenRLAIFError):
 
 class JudgeError(OpenRLAIFError):
     """A judge could not answer (unreachable server, unusable model output, ...)."""
+
+
+class OutputBusyError(OpenRLAIFError):
+    """An output (file or folder) that another running job is writing."""
+
+
+class DiskFullError(OpenRLAIFError):
+    """No space left (or over quota) while writing `path`: what was saved before is kept."""
+
+    def __init__(self, path: str) -> None:
+        self.path = str(path)
+        super().__init__(
+            f"{path}: the disk is full (no space left on device); what was saved before is kept: "
+            "free some space and run the same command again to go on from there"
+        )

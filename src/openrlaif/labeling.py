@@ -29,6 +29,7 @@ from openrlaif.data.io import (
     read_records,
     write_records,
 )
+from openrlaif.data.lock import one_writer
 from openrlaif.data.records import LabeledPair, Pair, ResponseRecord, ScoredResponse
 from openrlaif.judges.base import Judge
 
@@ -61,7 +62,8 @@ def _run_job(
     records: Sequence[Any], out: str | Path, chunk_size: int, judge: Judge, description: str,
     process: Callable[[Sequence[Any]], list[dict[str, Any]]], show_progress: bool,
 ) -> JobResult:  # fmt: skip
-    """Shared resumable loop: skip ids already in the output, process the rest chunk by chunk."""
+    """Shared resumable loop: skip ids already in the output, process the rest chunk by chunk.
+    The output takes one writer (`one_writer`): a second job on it is refused before it starts."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     out = Path(out)
@@ -69,22 +71,24 @@ def _run_job(
     stream = out.with_name(out.name + ".partial.jsonl") if parquet else out  # Parquet can't append
     start = time.perf_counter()
     hits0, misses0 = (judge.cache.hits, judge.cache.misses) if judge.cache else (0, 0)
-    with JsonlAppender(stream) as appender:
-        if parquet and out.exists() and not appender.done_ids:
-            appender.done_ids |= {str(r["id"]) for r in _read_any(out)}
-        todo = [r for r in records if r.id not in appender.done_ids]
-        resumed = len(records) - len(todo)
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        with Progress(*columns, disable=not show_progress, transient=True) as progress:
-            task = progress.add_task(description, total=len(records), completed=resumed)
-            for chunk in _chunks(todo, chunk_size):
-                appender.write(process(chunk))
-                progress.advance(task, len(chunk))
-    if parquet:
-        by_id = {str(r["id"]): r for r in (_read_any(out) if out.exists() else [])}
-        by_id.update({str(r["id"]): r for r in read_jsonl_dicts(stream)})
-        write_records(out, [by_id[r.id] for r in records if r.id in by_id])
-        stream.unlink()
+    with one_writer(out):
+        with JsonlAppender(stream) as appender:
+            if parquet and out.exists() and not appender.done_ids:
+                appender.done_ids |= {str(r["id"]) for r in _read_any(out)}
+            todo = [r for r in records if r.id not in appender.done_ids]
+            resumed = len(records) - len(todo)
+            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TimeRemainingColumn())  # fmt: skip
+            with Progress(*columns, disable=not show_progress, transient=True) as progress:
+                task = progress.add_task(description, total=len(records), completed=resumed)
+                for chunk in _chunks(todo, chunk_size):
+                    appender.write(process(chunk))
+                    progress.advance(task, len(chunk))
+        if parquet:
+            by_id = {str(r["id"]): r for r in (_read_any(out) if out.exists() else [])}
+            by_id.update({str(r["id"]): r for r in read_jsonl_dicts(stream)})
+            write_records(out, [by_id[r.id] for r in records if r.id in by_id])
+            stream.unlink()
     hits1, misses1 = (judge.cache.hits, judge.cache.misses) if judge.cache else (0, 0)
     return JobResult(
         out=str(out), total=len(records), resumed=resumed, written=len(todo),

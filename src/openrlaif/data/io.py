@@ -7,16 +7,20 @@ case the rows are skipped and each reason is kept so the count can be reported.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import gzip
 import json
 import os
+import sqlite3
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from openrlaif.data.lock import one_writer
 from openrlaif.data.records import Pair, PromptRecord, ResponseRecord
-from openrlaif.errors import InputError
+from openrlaif.errors import DiskFullError, InputError
 
 T = TypeVar("T")
 
@@ -245,33 +249,89 @@ def read_prompts(path: str | Path, skip_invalid: bool = False) -> ReadResult[Pro
 
 # ---------------------------------------------------------------- writing
 
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
-def write_records(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
-    """Write rows to .jsonl or .parquet atomically (a temp file renamed into place)."""
+
+def is_disk_full(error: BaseException) -> bool:
+    """No space left on the device, or over the quota, whoever reports it."""
+    if isinstance(error, OSError):
+        return error.errno in DISK_FULL_ERRNOS
+    if isinstance(error, sqlite3.Error):
+        return getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(error)
+    # libraries written in other languages (safetensors' Rust) say it only in words
+    return any(f"os error {code}" in str(error) for code in DISK_FULL_ERRNOS)
+
+
+@contextlib.contextmanager
+def disk_full_error(path: str | Path) -> Iterator[None]:
+    """A full disk while writing `path` becomes one line naming it (DiskFullError), not a traceback."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as e:
+        if is_disk_full(e):
+            raise DiskFullError(str(path)) from None
+        raise
+
+
+def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` a temp file beside `path`, fsync it and rename it into place: a reader, or a
+    run killed midway, never sees half a file. One writer at a time (data/lock.py); a full disk is
+    one line naming `path`, and the temp file is removed so its space comes back."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    if path.name.lower().endswith(".parquet"):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    with one_writer(path), disk_full_error(path):
+        try:
+            write(tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
-        pq.write_table(pa.Table.from_pylist(list(rows)), tmp)
-    else:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_records(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
+    """Write rows to .jsonl or .parquet atomically (`write_atomic`)."""
+
+    def write(tmp: Path) -> None:
+        if Path(path).name.lower().endswith(".parquet"):
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.Table.from_pylist(list(rows)), tmp)
+        else:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                for row in rows:
+                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    write_atomic(path, write)
 
 
 class JsonlAppender:
-    """Appends rows to a JSONL file that survives SIGKILL: each batch is flushed and fsynced,
-    and a torn last line left by a killed writer is cut off before appending."""
+    """Appends rows to a JSONL file that survives SIGKILL and a full disk: each batch is written
+    and fsynced whole, or cut back to the rows fsynced before it; a torn last line left by a killed
+    writer is cut off before appending. The appender holds the file's writer lock (data/lock.py)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.done_ids = self._recover()
-        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()/__exit__
+        self._lock = contextlib.ExitStack()
+        self._lock.enter_context(one_writer(self.path))
+        try:
+            with disk_full_error(self.path):
+                self.done_ids = self._recover()
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except BaseException:
+            self._lock.close()
+            raise
+        self._synced = os.fstat(self._fd).st_size  # bytes known to be on disk
 
     def _recover(self) -> set[str]:
         if not self.path.exists():
@@ -279,8 +339,7 @@ class JsonlAppender:
         data = self.path.read_bytes()
         end = data.rfind(b"\n") + 1  # keep only complete lines
         if end != len(data):
-            with open(self.path, "r+b") as fh:
-                fh.truncate(end)
+            os.truncate(self.path, end)
         ids: set[str] = set()
         for number, line in enumerate(data[:end].decode("utf-8").splitlines(), start=1):
             if not line.strip():
@@ -296,14 +355,25 @@ class JsonlAppender:
         return ids
 
     def write(self, rows: Iterable[dict[str, Any]]) -> None:
-        for row in rows:
-            self._fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-            self.done_ids.add(str(row["id"]))
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        rows = list(rows)
+        data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+        with disk_full_error(self.path):
+            try:
+                view = memoryview(data)
+                while view:  # one os.write may write less than asked
+                    view = view[os.write(self._fd, view) :]
+                os.fsync(self._fd)
+            except BaseException:
+                os.ftruncate(self._fd, self._synced)  # no torn row: exactly the rows fsynced before
+                raise
+        self._synced += len(data)
+        self.done_ids.update(str(row["id"]) for row in rows)
 
     def close(self) -> None:
-        self._fh.close()
+        try:
+            os.close(self._fd)
+        finally:
+            self._lock.close()
 
     def __enter__(self) -> JsonlAppender:
         return self

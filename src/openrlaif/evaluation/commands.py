@@ -67,6 +67,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
     from openrlaif.cli import _open_judge, _print_server_stats
+    from openrlaif.data.lock import one_writer
     from openrlaif.data.refs import prompt_records
     from openrlaif.evaluation.evaluate import EvalSettings, evaluate, resolve_side
 
@@ -86,19 +87,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, device=args.device, tie_margin=args.tie_margin,
         harmless_threshold=args.harmless_threshold, bootstrap_seed=args.seed, chunk_size=args.chunk_size,
     )  # fmt: skip
-    judge = _open_judge(args)
-    harmless_judge = None
-    try:
-        if args.harmless_judge is not None:
-            harmless_judge = _open_judge(argparse.Namespace(**{**vars(args), "judge": args.harmless_judge}))
-        summary = evaluate(
-            args.a, args.b, prompts, judge, args.out, name_a=args.name_a, name_b=args.name_b,
-            harmless_judge=harmless_judge, settings=settings, show_progress=not args.quiet,
-        )  # fmt: skip
-    finally:
-        judge.close()
-        if harmless_judge is not None:
-            harmless_judge.close()
+    with one_writer(args.out):  # a second evaluation into this folder is refused before loading judges
+        judge = _open_judge(args)
+        harmless_judge = None
+        try:
+            if args.harmless_judge is not None:
+                harmless_judge = _open_judge(
+                    argparse.Namespace(**{**vars(args), "judge": args.harmless_judge})
+                )
+            summary = evaluate(
+                args.a, args.b, prompts, judge, args.out, name_a=args.name_a, name_b=args.name_b,
+                harmless_judge=harmless_judge, settings=settings, show_progress=not args.quiet,
+            )  # fmt: skip
+        finally:
+            judge.close()
+            if harmless_judge is not None:
+                harmless_judge.close()
     if args.json:  # only the JSON, for pipes
         print(json.dumps(summary, indent=2))
         return 0

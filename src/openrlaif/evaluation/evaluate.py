@@ -29,13 +29,20 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from openrlaif.data.io import RowError, _row_id, _text, read_jsonl_dicts, read_records, write_records
+from openrlaif.data.io import (
+    RowError,
+    _row_id,
+    _text,
+    read_jsonl_dicts,
+    read_records,
+    write_records,
+    write_text_atomic,
+)
 from openrlaif.data.records import Pair, PromptRecord, ResponseRecord
 from openrlaif.errors import ConfigError, OpenRLAIFError
 from openrlaif.evaluation.winrate import (
@@ -306,6 +313,4 @@ def _mean(values: Sequence[float]) -> float:
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     """Atomically (a temp file renamed into place): a killed run never leaves half an eval.json."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")

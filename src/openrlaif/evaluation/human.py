@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from openrlaif.data.io import RowError, check_labeled_row, iter_rows, write_records
+from openrlaif.data.io import RowError, check_labeled_row, iter_rows, write_atomic, write_records
 from openrlaif.errors import ConfigError, InputError
 
 INSTRUCTIONS = (
@@ -116,13 +116,15 @@ def export_uncertain(labeled: str | Path, out: str | Path, n: int) -> ExportResu
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8-sig", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=EXPORT_COLUMNS)
-        writer.writeheader()
-        writer.writerows(
-            {**r, "ai_orders_disagree": "yes" if r["ai_orders_disagree"] else "no"} for r in rows
-        )
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8-sig", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=EXPORT_COLUMNS)
+            writer.writeheader()
+            writer.writerows(
+                {**r, "ai_orders_disagree": "yes" if r["ai_orders_disagree"] else "no"} for r in rows
+            )
+
+    write_atomic(path, write)
 
 
 # ---------------------------------------------------------------- import

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from openrlaif.data.io import write_text_atomic
 from openrlaif.errors import OpenRLAIFError
 
 REPORT_FILE = "report.html"
@@ -891,10 +892,7 @@ def build_report(run_dir: str | Path | RunData, out: str | Path | None = None) -
     """Write the run's HTML report (default: <run_dir>/report.html) and return its path."""
     run = run_dir if isinstance(run_dir, RunData) else load_run(run_dir)
     path = Path(out) if out is not None else run.root / REPORT_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render_html(run), encoding="utf-8")
-    tmp.replace(path)  # a reader never sees half a report
+    write_text_atomic(path, render_html(run))  # a reader never sees half a report
     return path
 
 

@@ -5,6 +5,8 @@ is a hash of everything that changes the answer (the judge's fingerprint: backen
 template hash, decoding settings; plus the texts in their order), so swapping the order is a
 different judgment and re-running any job reuses every judgment it already made. Writes are
 committed per batch; a job killed with SIGKILL loses at most the batch in flight.
+
+A full disk is one line naming the cache.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from openrlaif.data.io import disk_full_error
 
 DEFAULT_CACHE_ENV = "OPENRLAIF_CACHE"
 
@@ -40,14 +44,15 @@ class JudgmentCache:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=60.0, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # with WAL: safe against a killed process
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS judgments ("
-            " key TEXT PRIMARY KEY, kind TEXT NOT NULL, judge TEXT NOT NULL, value TEXT NOT NULL, created REAL NOT NULL)"
-        )
-        self._db.commit()
+        with disk_full_error(self.path):
+            self._db = sqlite3.connect(self.path, timeout=60.0, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # with WAL: safe against a killed process
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS judgments ("
+                " key TEXT PRIMARY KEY, kind TEXT NOT NULL, judge TEXT NOT NULL, value TEXT NOT NULL, created REAL NOT NULL)"
+            )
+            self._db.commit()
         self.hits = 0
         self.misses = 0
 
@@ -65,11 +70,16 @@ class JudgmentCache:
 
     def put_many(self, rows: Mapping[str, dict[str, Any]], kind: str, judge: str) -> None:
         now = time.time()
-        self._db.executemany(
-            "INSERT OR REPLACE INTO judgments (key, kind, judge, value, created) VALUES (?, ?, ?, ?, ?)",
-            [(key, kind, judge, json.dumps(value), now) for key, value in rows.items()],
-        )
-        self._db.commit()
+        with disk_full_error(self.path):
+            try:
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO judgments (key, kind, judge, value, created) VALUES (?, ?, ?, ?, ?)",
+                    [(key, kind, judge, json.dumps(value), now) for key, value in rows.items()],
+                )
+                self._db.commit()
+            except sqlite3.Error:
+                self._db.rollback()  # a failed batch leaves nothing half-written behind
+                raise
 
     def __len__(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM judgments").fetchone()[0]

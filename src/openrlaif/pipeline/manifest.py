@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from openrlaif.data.io import write_text_atomic
+from openrlaif.data.lock import LOCK_SUFFIX
 
 Status = Literal["running", "done", "failed"]
 
@@ -37,8 +39,8 @@ def content_hash(paths: list[Path], root: Path) -> str:
     digest = hashlib.sha256()
     files: list[Path] = []
     for path in paths:
-        if path.is_dir():
-            files += [p for p in path.rglob("*") if p.is_file()]
+        if path.is_dir():  # a lock file left by a killed job says nothing about the outputs
+            files += [p for p in path.rglob("*") if p.is_file() and not p.name.endswith(LOCK_SUFFIX)]
         elif path.exists():
             files.append(path)
         else:
@@ -74,9 +76,7 @@ class Manifest:
 
     def save(self) -> None:
         data = {"stages": {name: asdict(record) for name, record in self.stages.items()}}
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, json.dumps(data, indent=2) + "\n")
 
     def start(self, name: str, fp: str, inputs: dict[str, str], outputs: list[str]) -> None:
         self.stages[name] = StageRecord("running", fp, inputs, outputs, started=time.time())

@@ -24,6 +24,9 @@ from typing import Any
 
 import yaml
 
+from openrlaif.data.io import write_text_atomic
+from openrlaif.data.lock import one_writer
+from openrlaif.errors import DiskFullError
 from openrlaif.pipeline.config import PipelineConfig
 from openrlaif.pipeline.manifest import Manifest, content_hash, fingerprint
 from openrlaif.pipeline.stages import Context, Stage, plan
@@ -56,11 +59,16 @@ def run_pipeline(config: PipelineConfig, show_progress: bool = True, quiet: bool
     from openrlaif.training.common import quiet_transformers
 
     quiet_transformers()  # the stages show their own progress; not a bar per weight file loaded
-    start = time.perf_counter()
     run_dir = config.resolved_run_dir()
+    with one_writer(run_dir):  # one pipeline per run directory: a second is refused at once
+        return _run_stages(config, run_dir, show_progress, quiet)
+
+
+def _run_stages(config: PipelineConfig, run_dir: Path, show_progress: bool, quiet: bool) -> RunResult:
+    start = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(
-        yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8"
+    write_text_atomic(
+        run_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
     )
     stages = plan(config)
     manifest = Manifest(run_dir)
@@ -83,7 +91,9 @@ def run_pipeline(config: PipelineConfig, show_progress: bool = True, quiet: bool
         try:
             summary = stage.run(ctx, resume)
         except BaseException as e:  # a stage cut by Ctrl-C is resumed by the next run, like a killed one
-            manifest.fail(stage.name, f"{type(e).__name__}: {e}")
+            # on a full disk the manifest may not take the news; left `running`, the stage resumes all the same
+            with contextlib.suppress(DiskFullError):
+                manifest.fail(stage.name, f"{type(e).__name__}: {e}")
             raise
         manifest.finish(
             stage.name, content_hash([run_dir / p for p in stage.hashed_outputs], run_dir), summary

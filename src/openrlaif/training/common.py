@@ -9,7 +9,9 @@ parts that must behave identically everywhere:
 - `make_accelerator`: one `accelerate.Accelerator` (CPU, one or many processes with gloo, or GPUs).
 - `ShardedBatches`: seeded, resumable batches, sharded across processes like `DistributedSampler`.
 - checkpoints: model, optimizer and scheduler state, RNG states and the data position, as
-  safetensors + JSON (nothing pickled), written to a temp dir and renamed into place.
+  safetensors + JSON (nothing pickled), written to a temp dir and renamed into place; a full disk
+  is one line naming the checkpoint, and the previous one stays the newest.
+- `one_writer_per_output_dir`: a second run on an `output_dir` in use is refused at once.
 - `MetricsLogger`: rich progress bar, `metrics.jsonl` and TensorBoard.
 - `check_finite`: a non-finite loss stops the run with one line naming the step.
 - `sequence_logprobs`: summed log-probs of the label tokens of each sequence (SFT loss, DPO, RL).
@@ -18,6 +20,7 @@ parts that must behave identically everywhere:
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import math
 import os
@@ -36,7 +39,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from openrlaif.config import _format_validation_error, load_yaml_model, read_yaml, resolve_shipped_yaml
-from openrlaif.errors import ConfigError, OpenRLAIFError
+from openrlaif.data.io import disk_full_error, write_text_atomic
+from openrlaif.data.lock import one_writer
+from openrlaif.errors import ConfigError, DiskFullError, OpenRLAIFError
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -690,8 +695,9 @@ def save_model_folder(
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(directory, state_dict=state_dict)
-        tokenizer.save_pretrained(directory)
+        with disk_full_error(directory):
+            unwrapped.save_pretrained(directory, state_dict=state_dict)
+            tokenizer.save_pretrained(directory)
 
 
 def save_checkpoint(
@@ -708,33 +714,43 @@ def save_checkpoint(
     extra_models: dict[str, torch.nn.Module] | None = None,
 ) -> Path:
     """Write checkpoint `step-N` atomically: everything goes into a temp dir that is renamed into
-    place last, so a run killed mid-save leaves the previous checkpoint as the newest one.
+    place last, so a run killed mid-save, or one that fills the disk, leaves the previous checkpoint
+    as the newest one.
     `extra_models` (e.g. RL's value model) are saved as model folders `step-N/<name>`."""
     root = output_dir / CHECKPOINTS
     final, tmp = root / f"step-{step:08d}", root / f".step-{step:08d}.tmp"
+    try:
+        with disk_full_error(final):
+            if accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            accelerator.wait_for_everyone()
+            if uses_sharded_engine(accelerator):  # DeepSpeed/FSDP: accelerate's own format (not tested here)
+                accelerator.save_state(str(tmp / "accelerate"))
+            save_model_folder(accelerator, model, tokenizer, tmp / "model")
+            for name, extra_model in (extra_models or {}).items():
+                save_model_folder(accelerator, extra_model, tokenizer, tmp / name)
+            if accelerator.is_main_process and not uses_sharded_engine(accelerator):
+                save_state_files(optimizer.state_dict(), tmp, "optimizer")
+                save_state_files(scheduler.state_dict(), tmp, "scheduler")
+            # every process has its own RNG streams (and so its own dropout masks)
+            (tmp / f"rng.rank{accelerator.process_index}.json").write_text(
+                json.dumps(rng_state()), encoding="utf-8"
+            )
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                state = {
+                    "step": step,
+                    "data": loader.state_dict(),
+                    "world_size": accelerator.num_processes,
+                    **(extra or {}),
+                }
+                (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
+    except DiskFullError:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # the space back; the previous checkpoint stays the newest
+        raise DiskFullError(str(final)) from None
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    if uses_sharded_engine(accelerator):  # DeepSpeed/FSDP: accelerate's own format (not tested here)
-        accelerator.save_state(str(tmp / "accelerate"))
-    save_model_folder(accelerator, model, tokenizer, tmp / "model")
-    for name, extra_model in (extra_models or {}).items():
-        save_model_folder(accelerator, extra_model, tokenizer, tmp / name)
-    if accelerator.is_main_process and not uses_sharded_engine(accelerator):
-        save_state_files(optimizer.state_dict(), tmp, "optimizer")
-        save_state_files(scheduler.state_dict(), tmp, "scheduler")
-    # every process has its own RNG streams (and so its own dropout masks)
-    (tmp / f"rng.rank{accelerator.process_index}.json").write_text(json.dumps(rng_state()), encoding="utf-8")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        state = {
-            "step": step,
-            "data": loader.state_dict(),
-            "world_size": accelerator.num_processes,
-            **(extra or {}),
-        }
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
         if final.exists():  # the same step saved again (a finished run resumed): swap, then delete
             old = root / f".step-{step:08d}.old"
             shutil.rmtree(old, ignore_errors=True)
@@ -792,7 +808,7 @@ def _truncate_jsonl(path: Path, keep_up_to_step: int) -> None:
             continue
         if row.get("step", 0) <= keep_up_to_step:
             rows.append(line)
-    path.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+    write_text_atomic(path, "".join(r + "\n" for r in rows))
 
 
 def prepare_run(
@@ -815,13 +831,35 @@ def prepare_run(
             changed = sorted(k for k in set(before) | set(current) if before.get(k) != current.get(k))
             if changed:
                 print(f"note: resuming with changed settings: {', '.join(changed)}")
-        config_file.write_text(yaml.safe_dump(current, sort_keys=False), encoding="utf-8")
+        write_text_atomic(config_file, yaml.safe_dump(current, sort_keys=False))
         keep = checkpoint.step if checkpoint else -1
         _truncate_jsonl(out / "metrics.jsonl", keep)
         for ids_file in out.glob("example_ids.rank*.jsonl"):
             _truncate_jsonl(ids_file, keep)
     accelerator.wait_for_everyone()
     return out, checkpoint
+
+
+def append_line(path: Path, row: dict[str, Any]) -> None:
+    """One JSON line appended to a log (metrics, example ids); a full disk is one line naming it.
+    A torn last line from a killed run is skipped by readers and cut by `_truncate_jsonl`."""
+    with disk_full_error(path), open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
+def one_writer_per_output_dir(train: Callable[..., TrainResult]) -> Callable[..., TrainResult]:
+    """Decorates a trainer: its `output_dir` takes one writer, and a second run on it is refused at
+    once (data/lock.py). Under a launcher the main process (RANK 0) holds the lock for the launch;
+    if it is refused it exits, and the launcher stops the other processes."""
+
+    @functools.wraps(train)
+    def run(config: TrainConfig, *args: Any, **kwargs: Any) -> TrainResult:
+        if int(os.environ.get("RANK", "0")) != 0:
+            return train(config, *args, **kwargs)
+        with one_writer(config.output_dir):
+            return train(config, *args, **kwargs)
+
+    return run
 
 
 @dataclass
@@ -864,8 +902,7 @@ class ExampleIdLog:
 
     def write(self, step: int, ids: list[str]) -> None:
         if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps({"step": step, "ids": ids}) + "\n")
+            append_line(self.path, {"step": step, "ids": ids})
 
 
 @dataclass
@@ -914,8 +951,7 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.active:
             return
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"step": step, **metrics}) + "\n")
+        append_line(self.path, {"step": step, **metrics})
         if self.writer is not None:
             for key, value in metrics.items():
                 self.writer.add_scalar(key, value, step)

@@ -48,7 +48,6 @@ import hashlib
 import inspect
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from openrlaif.data.io import write_atomic
 from openrlaif.training.common import (
     IGNORE_INDEX,
     ChatTemplate,
@@ -76,6 +76,7 @@ from openrlaif.training.common import (
     load_tokenizer,
     make_optimizer,
     make_scheduler,
+    one_writer_per_output_dir,
     pad_right,
     plan_steps,
     resolve_chat_template,
@@ -432,11 +433,10 @@ def read_reference_file(path: Path, expected_hash: str) -> dict[str, torch.Tenso
 def write_reference_file(path: Path, tensors: dict[str, torch.Tensor], data_hash_: str, ref: str) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_suffix(".tmp")
-    save_file(
-        {k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"data_hash": data_hash_, "ref_model": ref}
-    )  # fmt: skip
-    os.replace(tmp, path)  # atomic: a run killed while writing leaves no torn file
+    contiguous = {k: v.contiguous() for k, v in tensors.items()}
+    metadata = {"data_hash": data_hash_, "ref_model": ref}
+    # atomic: a run killed while writing leaves no torn file
+    write_atomic(path, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata))
 
 
 # ---------------------------------------------------------------- loss and metrics
@@ -540,6 +540,7 @@ def evaluate(
 # ---------------------------------------------------------------- training
 
 
+@one_writer_per_output_dir
 def train_dpo(config: DPOConfig, resume: bool = False, show_progress: bool = True) -> TrainResult:
     """Train; with `resume`, continue from the newest checkpoint in `output_dir` exactly."""
     from transformers import AutoModelForCausalLM

@@ -71,6 +71,7 @@ from openrlaif.training.common import (
     load_tokenizer,
     make_optimizer,
     make_scheduler,
+    one_writer_per_output_dir,
     pad_right,
     plan_steps,
     quiet_transformers,
@@ -394,6 +395,7 @@ def evaluate(
 # ---------------------------------------------------------------- training
 
 
+@one_writer_per_output_dir
 def train_reward_model(config: RewardConfig, resume: bool = False, show_progress: bool = True) -> TrainResult:
     """Train; with `resume`, continue from the newest checkpoint in `output_dir` exactly."""
     run = start_run(config, resume, load_preference_examples)

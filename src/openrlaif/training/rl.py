@@ -93,6 +93,7 @@ from openrlaif.training.common import (
     load_tokenizer,
     make_accelerator,
     make_scheduler,
+    one_writer_per_output_dir,
     plan_steps,
     prepare_run,
     quiet_transformers,
@@ -595,6 +596,7 @@ class Updater:
         return totals | {"grad_norm": torch.as_tensor(float(grad_norm))}
 
 
+@one_writer_per_output_dir
 def train_rl(
     config: RLConfig, resume: bool = False, show_progress: bool = True, *, judge: Any = None
 ) -> TrainResult:

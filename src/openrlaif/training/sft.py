@@ -50,6 +50,7 @@ from openrlaif.training.common import (
     load_tokenizer,
     make_optimizer,
     make_scheduler,
+    one_writer_per_output_dir,
     pad_right,
     plan_steps,
     resolve_chat_template,
@@ -196,6 +197,7 @@ def evaluate(
 # ---------------------------------------------------------------- training
 
 
+@one_writer_per_output_dir
 def train_sft(config: SFTConfig, resume: bool = False, show_progress: bool = True) -> TrainResult:
     """Train; with `resume`, continue from the newest checkpoint in `output_dir` exactly."""
     from transformers import AutoModelForCausalLM
