@@ -53,6 +53,53 @@ def test_a_judgment_that_is_no_probability_is_never_cached(bad: float, tmp_path:
     assert len(judge.cache) == 2  # the good pair's two orders only
 
 
+CACHE_WORKER = """
+import sys, time
+from openrlaif.judges.cache import JudgmentCache
+
+folder, worker, start = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+for round in range(8):  # each round, every worker opens the same new file at the same instant
+    while time.time() < start + 0.3 * round:
+        time.sleep(0.0005)
+    cache = JudgmentCache(f"{folder}/round-{round}.sqlite3")
+    for batch in range(10):
+        rows = {f"shared-{batch}-{i}": {"p_first": i / 10} for i in range(5)}  # every worker writes these
+        rows |= {f"w{worker}-{batch}-{i}": {"p_first": worker / 10} for i in range(5)}
+        cache.put_many(rows, "pair", "{}")
+        assert cache.get_many(list(rows)) == rows
+    cache.close()
+"""
+
+
+def test_the_cache_is_safe_with_several_processes_writing_at_once(tmp_path: Path) -> None:
+    """The cache is the one file that jobs running side by side share (label, score, eval, the
+    pipeline): processes that create it together and write the same and different judgments all
+    finish, and every judgment is there once. (Before: opening a new cache together failed with
+    'database is locked' about one time in four.)"""
+    import subprocess
+    import sys
+    import time
+
+    n, start = 6, time.time() + 2.0
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", CACHE_WORKER, str(tmp_path), str(w), str(start)], stderr=subprocess.PIPE
+        )
+        for w in range(n)
+    ]
+    for worker in workers:
+        _, err = worker.communicate(timeout=120)
+        assert worker.returncode == 0, err.decode()[-2000:]
+    for round in range(8):
+        cache = JudgmentCache(tmp_path / f"round-{round}.sqlite3")
+        assert len(cache) == 10 * 5 + n * 10 * 5
+        assert cache.get_many(["shared-7-3", "w2-9-4"]) == {
+            "shared-7-3": {"p_first": 0.3},
+            "w2-9-4": {"p_first": 0.2},
+        }
+        cache.close()
+
+
 def test_key_depends_on_order_judge_and_kind() -> None:
     fp = {"backend": "x", "model": "m"}
     base = judgment_key(fp, "pair", ["p", "a", "b"])

@@ -6,6 +6,9 @@ template hash, decoding settings; plus the texts in their order), so swapping th
 different judgment and re-running any job reuses every judgment it already made. Writes are
 committed per batch; a job killed with SIGKILL loses at most the batch in flight.
 
+The cache is the one file that jobs running side by side share, so it takes several writers:
+SQLite serialises their commits (waiting up to `timeout` for one another), and processes that
+create a new cache at the same instant retry the switch to WAL, which SQLite does not wait for.
 A full disk is one line naming the cache.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import sqlite3
 import time
 from collections.abc import Mapping, Sequence
@@ -40,13 +44,19 @@ def judgment_key(fingerprint: Mapping[str, Any], kind: str, texts: Sequence[str]
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
+def _locked(error: sqlite3.OperationalError) -> bool:
+    return getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_BUSY or "database is locked" in str(
+        error
+    )
+
+
 class JudgmentCache:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, timeout: float = 60.0) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with disk_full_error(self.path):
-            self._db = sqlite3.connect(self.path, timeout=60.0, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db = sqlite3.connect(self.path, timeout=timeout, check_same_thread=False)
+            self._use_wal(time.monotonic() + timeout)
             self._db.execute("PRAGMA synchronous=NORMAL")  # with WAL: safe against a killed process
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS judgments ("
@@ -55,6 +65,18 @@ class JudgmentCache:
             self._db.commit()
         self.hits = 0
         self.misses = 0
+
+    def _use_wal(self, deadline: float) -> None:
+        """Switch to WAL (once per file; a no-op after). SQLite answers "locked" at once, without
+        its busy wait, when another process switches the same new file: retry until `deadline`."""
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if not _locked(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(random.uniform(0.005, 0.05))
 
     def get_many(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
         found: dict[str, dict[str, Any]] = {}
