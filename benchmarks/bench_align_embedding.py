@@ -42,7 +42,8 @@ def run_baseline(n_pairs: int) -> tuple[float, list[float]]:
 
     from openrlaif.config import load_judge_config
     from openrlaif.data import load_pairs
-    from openrlaif.judges.embedding import last_human_turn, resolve_model_path
+    from openrlaif.judges.embedding import last_human_turn
+    from openrlaif.models.names import resolve_model_path
 
     cfg = load_judge_config("embedding-harmless")
     pairs = load_pairs("hh-harmless", limit=n_pairs).records

@@ -11,7 +11,8 @@ import torch
 
 from openrlaif.data.datasets import HH_HARMLESS_TRAIN_LINES, hh_harmless_split
 from openrlaif.errors import ConfigError
-from openrlaif.training.common import completion_text, load_pretrained, load_tokenizer, resolve_model_path
+from openrlaif.models.names import resolve_model_path
+from openrlaif.training.common import completion_text, load_pretrained, load_tokenizer
 
 NAME = "builtin:hh-tiny-gpt"
 

