@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 from scripted_judge import ScriptedJudge
-from training_toys import sft_rows, write
+from training_toys import WORDS, sft_rows, write
 
 from openrlaif.errors import ConfigError, JudgeError
 from openrlaif.judges.base import OrderedPair, OrderJudgment, ScoreJudgment
@@ -40,6 +40,7 @@ from openrlaif.training.rl import (
     returns_to_go,
     rloo_advantages,
     shaped_rewards,
+    standardized,
     train_rl,
     value_loss,
 )
@@ -52,6 +53,18 @@ def test_rloo_baseline_is_the_mean_of_the_other_samples_of_the_same_prompt() -> 
     # prompt 1: 1 - (2+6)/2 = -3, 2 - (1+6)/2 = -1.5, 6 - (1+2)/2 = 4.5; prompt 2: -1.5, -1.5, 3
     expected = torch.tensor([-3.0, -1.5, 4.5, -1.5, -1.5, 3.0])
     assert torch.allclose(rloo_advantages(returns, 3), expected)
+
+
+def test_normalized_rewards_have_mean_0_and_std_1_over_every_process() -> None:
+    class TwoProcesses:  # as if another process held the same rewards: sums double, moments stay
+        def reduce(self, x: torch.Tensor, op: str) -> torch.Tensor:
+            return 2 * x
+
+    scores = torch.tensor([0.01, 0.03, 0.02, 0.06])
+    out = standardized(scores, TwoProcesses())
+    mean, std = 0.03, math.sqrt(((scores - 0.03) ** 2).mean().item())  # population std
+    assert torch.allclose(out, (scores - mean) / std, atol=1e-5), out
+    assert torch.allclose(standardized(torch.full((4,), 0.5), TwoProcesses()), torch.zeros(4))  # no spread: 0
 
 
 def test_kl_shaped_reward_puts_the_score_on_the_last_response_token_only() -> None:
@@ -260,6 +273,35 @@ def test_pairwise_judge_reward_raises_the_rate_the_judge_prefers(
         rate[name] = sum(starts_with_vowel(s.response_text) for s in out) / len(out)
     print(f"pairwise: vowel-start rate {rate['sft']:.3f} -> {rate['rl']:.3f}")
     assert rate["rl"] > rate["sft"] + 0.2, rate
+
+
+def test_rl_raises_the_reward_and_the_judged_win_rate_on_held_out_prompts(
+    tiny_gpt2: Path, prompts: Path, tmp_path: Path
+) -> None:
+    """The machinery learns, independent of the quickstart's judge: against a judge that clearly
+    prefers one kind of response, RL raises the reward, and `openrlaif eval`'s win rate of the
+    RL policy over its starting point, on prompts RL never saw, has its 95% CI above 50%."""
+    from openrlaif.data.records import PromptRecord
+    from openrlaif.evaluation.evaluate import EvalSettings, evaluate
+
+    out = tmp_path / "learn"
+    config = rl_config(tiny_gpt2, prompts, out, algorithm="rloo", max_steps=24)
+    result = train_rl(config, show_progress=False, judge=VowelJudge())
+    rows = metric_rows(out)
+    before = sum(r["train/reward_mean"] for r in rows[:4]) / 4
+    after = sum(r["train/reward_mean"] for r in rows[-4:]) / 4
+    assert after > before + 0.4, (before, after)
+
+    held_out = [PromptRecord(f"held-{i}", f"Human: Say something about {w}.\n\nAssistant:")
+                for i, w in enumerate(WORDS)]  # fmt: skip
+    assert not {p.prompt for p in held_out} & {r["prompt"] for r in sft_rows(64)}  # RL never saw them
+    summary = evaluate(
+        result.model_dir, tiny_gpt2, held_out, VowelJudge(), tmp_path / "eval", name_a="rl", name_b="init",
+        settings=EvalSettings(max_new_tokens=3, bootstrap_resamples=500), show_progress=False,
+    )  # fmt: skip
+    win = summary["win_rate"]
+    print(f"rule reward {before:.3f} -> {after:.3f}; judged win rate {win['value']:.3f} {win['ci95']}")
+    assert win["ci95"][0] > 0.5, win
 
 
 def test_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(

@@ -10,7 +10,8 @@ for one prompt, the first (lowest `sample_index`) is used.
 Everything goes into one folder (the pipeline's `runs/<name>/eval/`):
 
     prompts.jsonl           the prompts evaluated
-    responses-<hash>.jsonl  a model side's samples; the hash covers the model folder's files
+    responses-<hash>.jsonl  a model side's samples (or in `responses_dir`, shared by several
+                            evaluations); the hash covers the model folder's files
                             (names, sizes, mtimes) and the sampling settings, so a retrained
                             model is sampled again and an unchanged one never is
     judgments.jsonl         both orders per pair (`openrlaif label` rows)
@@ -161,6 +162,7 @@ def _sample_model(
     from openrlaif.judges.hf import local_weights_stamp
 
     identity = {"model": side.spec, "weights": local_weights_stamp(side.spec), **settings.sampling()}
+    out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"responses-{_digest(identity)}.jsonl"
     config = GenerateConfig(
         policy=side.spec, prompts=str(prompts_file), num_responses=1, temperature=settings.temperature,
@@ -195,10 +197,13 @@ def evaluate(
     policy_a: str | Path, policy_b: str | Path, prompts: Sequence[PromptRecord] | None, judge: Judge,
     out_dir: str | Path, *, name_a: str | None = None, name_b: str | None = None,
     harmless_judge: Judge | None = None, settings: EvalSettings | None = None, show_progress: bool = True,
+    responses_dir: str | Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Judge A against B on `prompts` (None: the prompts of A's responses file, else B's); write
     `out_dir`/eval.json and samples.jsonl and return the summary. `harmless_judge` (default: `judge`)
-    scores each response alone."""
+    scores each response alone. `responses_dir` (default `out_dir`) holds the model sides' samples:
+    evaluations that share it sample a policy once (its file is keyed by the weights and the
+    sampling settings, and holds a response per prompt id, so other prompts are added to it)."""
     settings = settings or EvalSettings()
     harmless_judge = harmless_judge or judge
     out_dir = Path(out_dir)
@@ -216,7 +221,7 @@ def evaluate(
     write_records(prompts_file, [p.to_dict() for p in prompts])
 
     sources = [
-        _sample_model(side, prompts_file, out_dir, settings, show_progress)
+        _sample_model(side, prompts_file, Path(responses_dir or out_dir), settings, show_progress)
         if side.kind == "model"
         else Path(side.spec)
         for side in (a, b)

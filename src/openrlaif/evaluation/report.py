@@ -359,6 +359,59 @@ def verdict(comparison: Comparison) -> str:
     return " ".join(part for part in verdict_parts(comparison) if part)
 
 
+@dataclass
+class RewardModelCheck:
+    """Did the reward model learn the labels it was trained on? Its held-out accuracy against
+    the labels' argmax (pairs of prompts it never trained on), with a Wilson 95% interval."""
+
+    folder: str
+    accuracy: float
+    pairs: int
+    ci95: tuple[float, float]
+    before: float | None  # the same accuracy before training (step 0)
+
+    @property
+    def learned(self) -> bool:
+        return self.ci95[0] > 0.5
+
+    def sentence(self) -> str:
+        numbers = f"held-out accuracy {_pct(self.accuracy)} {_ci(self.ci95)} on {self.pairs} pairs"
+        if self.learned:
+            return f"The reward model ({self.folder}/) learned the labels: {numbers}."
+        return (
+            f"The reward model ({self.folder}/) did not learn the labels: {numbers}, not clearly above "
+            "chance. RL against it follows noise, not the judge; more or clearer feedback pairs, or more "
+            "reward-model steps, are needed."
+        )
+
+
+def check_reward_model(
+    folder: str, accuracy: float | None, pairs: float | None, before: float | None = None
+) -> RewardModelCheck | None:
+    """None when the numbers are not there (no held-out pairs)."""
+    from openrlaif.evaluation.winrate import proportion_ci
+
+    if accuracy is None or not pairs or not math.isfinite(accuracy):
+        return None
+    n = int(pairs)
+    return RewardModelCheck(folder, accuracy, n, proportion_ci(accuracy * n, n), before)
+
+
+def reward_model_check(trainer: TrainerLog) -> RewardModelCheck | None:
+    """From a reward-model trainer's metrics: the last held-out accuracy and its pair count."""
+    if trainer.kind != "rm":
+        return None
+    steps, values = trainer.steps("eval/accuracy")
+    before = values[0] if steps and steps[0] == 0 else None
+    return check_reward_model(
+        trainer.folder, trainer.last("eval/accuracy"), trainer.last("eval/pairs"), before
+    )
+
+
+def reward_model_checks(run: RunData) -> list[RewardModelCheck]:
+    return [c for t in run.trainers if (c := reward_model_check(t)) is not None]
+
+
 # ---------------------------------------------------------------- HTML pieces
 
 
@@ -413,11 +466,20 @@ def section_header(run: RunData) -> str:
     else:
         sentence = "No evaluation in this run yet (eval/eval.json is missing)."
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime())
+    others = "".join(
+        f'<p class="verdict {_tone(_get(c.summary, "win_rate", "ci95"))}">{_e(verdict(c))}</p>'
+        for c in run.comparisons[1:]
+    )
+    warnings = "".join(
+        f'<p class="verdict bad">{_e(check.sentence())}</p>'
+        for check in reward_model_checks(run)
+        if not check.learned
+    )
     return (
         f'<header><div class="kicker">openrlaif run report</div><h1>{_e(run.name)}</h1>'
         f'<p class="meta">{_e(run.root.resolve())} · generated {_e(when)}</p>'
         f'<p class="verdict {_tone(_get(main.summary, "win_rate", "ci95")) if main else "neutral"}">'
-        f"{sentence}</p></header>"
+        f"{sentence}</p>{others}{warnings}</header>"
     )
 
 
@@ -508,8 +570,18 @@ def _align_measures(a: dict[str, Any]) -> list[Measure]:
     ]  # fmt: skip
 
 
+def _reward_model_measures(check: RewardModelCheck) -> list[Measure]:
+    before = f"; before training {_pct(check.before)}" if check.before is not None else ""
+    verdict_ = "learned" if check.learned else "did not learn (CI includes 50%)"
+    return [
+        Measure(f"reward model {check.folder}/", "held-out accuracy", _pct(check.accuracy),
+                _ci(check.ci95), f"vs the AI labels of {check.pairs} pairs of held-out prompts{before}; {verdict_}", lead=True),
+    ]  # fmt: skip
+
+
 def headline_measures(run: RunData) -> list[Measure]:
     rows = [m for c in run.comparisons for m in _comparison_measures(c)]
+    rows += [m for check in reward_model_checks(run) for m in _reward_model_measures(check)]
     return rows + (_align_measures(run.align) if run.align else [])
 
 
@@ -930,9 +1002,12 @@ def print_summary(run_dir: str | Path | RunData, console: Any = None) -> None:
             if (value := trainer.last(key)) is not None:
                 table.add_row(Text(f"{label} ({trainer.folder}/)"), Text(f"{value:.4g}"))
     console.print(table)
-    main = run.primary
-    sentence = verdict(main) if main else "No evaluation in this run yet (eval/eval.json is missing)."
-    console.print(Text(sentence, style="bold"))
+    for check in reward_model_checks(run):
+        console.print(Text(check.sentence(), style="" if check.learned else "bold red"))
+    if not run.comparisons:
+        console.print(Text("No evaluation in this run yet (eval/eval.json is missing).", style="bold"))
+    for comparison in run.comparisons:
+        console.print(Text(verdict(comparison), style="bold"))
 
 
 # ---------------------------------------------------------------- the command line

@@ -177,6 +177,18 @@ def harmless_rate(
     return Rate(value, bootstrap_ci(harmless, n_resamples=n_resamples, seed=seed))
 
 
+def proportion_ci(successes: float, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score 95% interval of a proportion (successes may be fractional, e.g. half-counted
+    ties); (nan, nan) for n = 0. Used where only the rate and its count are known (a reward
+    model's held-out accuracy read back from its metrics)."""
+    if n <= 0:
+        return (float("nan"), float("nan"))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
 def length_stats(lengths: Sequence[int]) -> dict[str, float]:
     x = np.asarray(lengths, dtype=np.float64)
     if len(x) == 0:

@@ -52,7 +52,7 @@ class Context:
     def model_path(self, name: str) -> str:
         """`base`, a policy's name (its trained model folder), or a model path/id as is."""
         if name == "base":
-            from openrlaif.training.common import resolve_model_path
+            from openrlaif.models.names import resolve_model_path
 
             return resolve_model_path(self.config.model)
         if name in self.config.policies:
@@ -258,7 +258,7 @@ def distill_stage(config: PipelineConfig, teacher: str) -> Stage:
 
     def run(ctx: Context, resume: bool) -> dict[str, Any]:
         from openrlaif.distill import distill, teacher_source
-        from openrlaif.training.common import resolve_model_path
+        from openrlaif.models.names import resolve_model_path
 
         model = resolve_model_path(spec.model) if spec.model else None
         result = distill(
@@ -383,15 +383,29 @@ def reward_model_stage(config: PipelineConfig) -> Stage:
         settings = {"seed": config.seed, "model": ctx.model_path(spec.policy), **spec.reward_model,
                     "data": str(ctx.run_dir / "labeled.jsonl"), "output_dir": str(ctx.run_dir / "rm")}  # fmt: skip
         if "model" in spec.reward_model:
-            from openrlaif.training.common import resolve_model_path
+            from openrlaif.models.names import resolve_model_path
 
             settings["model"] = resolve_model_path(spec.reward_model["model"])
-        return _train("rm", settings, "feedback.reward_model", ctx, resume)
+        summary = _train("rm", settings, "feedback.reward_model", ctx, resume)
+        _say_reward_model_check(summary, ctx)
+        return summary
 
     settings = {"init": model_settings(config, spec.policy), "train": spec.reward_model, "seed": config.seed}
     return Stage(
         "reward_model", ["label", *stage_of_model(config, spec.policy)], settings, ["rm"], run, ["rm/model"]
     )
+
+
+def _say_reward_model_check(summary: dict[str, Any], ctx: Context) -> None:
+    """Whether the reward model learned the labels, said as soon as it is known; a reward model
+    that did not is said even with --quiet (the RL after it would follow noise)."""
+    import sys
+
+    from openrlaif.evaluation.report import check_reward_model
+
+    check = check_reward_model("rm", summary.get("eval/accuracy"), summary.get("eval/pairs"))
+    if check is not None and (ctx.show_progress or not check.learned):
+        print(("" if check.learned else "warning: ") + check.sentence(), file=sys.stderr, flush=True)
 
 
 def rl_stage(config: PipelineConfig, name: str) -> Stage:
@@ -442,6 +456,11 @@ def dpo_stage(config: PipelineConfig, name: str) -> Stage:
     )
 
 
+# Every comparison's policy samples, keyed by weights and sampling settings: a policy in several
+# comparisons (SFT against RLAIF and against d-RLAIF) is sampled once.
+EVAL_RESPONSES = "eval/responses"
+
+
 def eval_dir(a: str, b: str) -> str:
     return f"eval/{a}-vs-{b}"
 
@@ -469,7 +488,7 @@ def eval_stage(config: PipelineConfig, a: str, b: str) -> Stage:
         try:
             result = evaluate(
                 ctx.model_path(a), ctx.model_path(b), prompts, judge_, ctx.run_dir / out, name_a=a, name_b=b,
-                settings=settings, show_progress=ctx.show_progress,
+                settings=settings, show_progress=ctx.show_progress, responses_dir=ctx.run_dir / EVAL_RESPONSES,
             )  # fmt: skip
         finally:
             judge_.close()

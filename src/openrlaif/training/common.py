@@ -42,6 +42,7 @@ from openrlaif.config import _format_validation_error, load_yaml_model, read_yam
 from openrlaif.data.io import disk_full_error, write_text_atomic
 from openrlaif.data.lock import one_writer
 from openrlaif.errors import ConfigError, DiskFullError, OpenRLAIFError
+from openrlaif.models.names import resolve_model_path
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -157,39 +158,6 @@ def quiet_transformers() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-
-
-def resolve_model_path(name: str) -> str:
-    """`tiny:gpt2` / `tiny:llama`: the random-weight test models of `openrlaif.models.tiny`, built once
-    into `$OPENRLAIF_MODELS` (default `~/.cache/openrlaif/models`); `builtin:<name>`: a trained model
-    shipped in the package (data/builtin/<name>/, e.g. `builtin:hh-tiny-gpt`, made by
-    scripts/train_base_policy.py); anything else is returned as is."""
-    if name.startswith("builtin:"):
-        from openrlaif.data.datasets import BUILTIN_DIR
-
-        path = BUILTIN_DIR / name.removeprefix("builtin:")
-        if not name.removeprefix("builtin:") or not (path / "config.json").is_file():
-            shipped = ", ".join(sorted(f"builtin:{p.parent.name}" for p in BUILTIN_DIR.glob("*/config.json")))
-            raise ConfigError(f"model: {name!r} is not a built-in model (shipped: {shipped or 'none'})")
-        return str(path)
-    if not name.startswith("tiny:"):
-        return name
-    arch = name.removeprefix("tiny:")
-    if arch not in ("gpt2", "llama"):
-        raise ConfigError(f"model: {name!r} is not a tiny test model (tiny:gpt2, tiny:llama)")
-    root = Path(os.environ.get("OPENRLAIF_MODELS") or Path.home() / ".cache" / "openrlaif" / "models")
-    path = root / f"tiny-{arch}"
-    if not (path / "config.json").exists():
-        from openrlaif.models.tiny import build_tiny_causal_lm
-
-        tmp = root / f".tiny-{arch}.{os.getpid()}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        build_tiny_causal_lm(tmp, arch=arch, seed=0 if arch == "gpt2" else 1)
-        try:
-            os.replace(tmp, path)  # atomic; a concurrent builder may have won the race
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(path)
 
 
 def _load_error(path: str, e: Exception) -> ConfigError:
@@ -395,7 +363,11 @@ def eval_shard(n: int, rank: int, world_size: int) -> list[tuple[int, bool]]:
 def split_held_out(
     items: Sequence[Any], config: TrainConfig, eval_items: Sequence[Any] | None = None
 ) -> tuple[list[Any], list[Any]]:
-    """(train, held-out): `eval_items` when given, else a seeded `eval_fraction` of `items`."""
+    """(train, held-out): `eval_items` when given, else a seeded `eval_fraction` of `items`.
+
+    Items that share a prompt (several pairs of one prompt's samples) are held out together:
+    a pair whose responses also occur in training pairs would not measure generalisation. With
+    distinct prompts this is a plain seeded sample of items."""
     items = list(items)
     if eval_items is not None:
         held_out = list(eval_items)
@@ -405,7 +377,16 @@ def split_held_out(
         n_eval = max(1, round(config.eval_fraction * len(items)))
         if config.max_eval_examples is not None:
             n_eval = min(n_eval, config.max_eval_examples)
-        held = set(order[:n_eval])
+        by_prompt: dict[Any, list[int]] = {}
+        for i, item in enumerate(items):
+            by_prompt.setdefault(getattr(item, "prompt", i), []).append(i)
+        held: set[int] = set()
+        for i in order:
+            if len(held) >= n_eval:
+                break
+            held.update(by_prompt[getattr(items[i], "prompt", i)])
+        if len(held) == len(items):  # one prompt only: keep something to train on
+            held = set(order[:n_eval])
         held_out = [items[i] for i in sorted(held)]
         items = [x for i, x in enumerate(items) if i not in held]
     else:
@@ -474,14 +455,15 @@ def encode_prompt_completions(
     prompt_ids = encode_prompts(tokenizer, prompts, chat)
     texts = [completion_text(p, c, chat) for p, c in zip(prompts, completions, strict=True)]
     completion_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    bos = tokenizer.bos_token_id
+    # the token a tokenizer puts first (GPT/Llama BOS, BERT [CLS], which a classifier reads) stays
+    starts = {tokenizer.bos_token_id, getattr(tokenizer, "cls_token_id", None)} - {None}
     out = []
     for p, c in zip(prompt_ids, completion_ids, strict=True):
         c = c + [tokenizer.eos_token_id] if append_eos else c
         if len(p) + len(c) > max_length:
             c = c[: max(max_length - len(p), max_length // 2)]
             room = max_length - len(c)
-            head = p[:1] if bos is not None and p[:1] == [bos] else []
+            head = p[:1] if p[:1] and p[0] in starts else []
             p = head + p[len(p) - (room - len(head)) :] if len(p) > room else p
         out.append((p + c, len(p)))
     return out

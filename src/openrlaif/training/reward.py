@@ -361,6 +361,8 @@ def metrics_from_sums(sums: torch.Tensor, prefix: str) -> dict[str, float]:
     if hu_n:
         metrics[f"{prefix}/human_accuracy"] = hu / hu_n
     metrics[f"{prefix}/margin"] = margin / max(n, 1)
+    if prefix == "eval":  # how many held-out pairs the accuracy is over (its CI in the report)
+        metrics["eval/pairs"] = ai_n
     return metrics
 
 

@@ -152,6 +152,11 @@ class RLConfig(TrainConfig):
     value_learning_rate: float | None = Field(None, gt=0.0)  # default: learning_rate
     value_loss_coef: float = Field(0.5, ge=0.0)
     whiten_advantages: bool = False  # normalise advantages to mean 0, std 1 over the batch
+    # Standardise each step's rewards (mean 0, std 1 over the batch of every process) before the
+    # KL penalty: β then weighs KL against a reward of unit scale. A weakly confident judge or a
+    # reward model trained on its soft labels gives rewards that differ by a few hundredths,
+    # which β·KL would outweigh from the first steps. The logged reward stays the raw one.
+    normalize_rewards: bool = False
     # PPO
     gamma: float = Field(1.0, ge=0.0, le=1.0)
     lam: float = Field(0.95, ge=0.0, le=1.0)
@@ -304,6 +309,15 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, denominator: torch.Tensor |
     """Mean over the masked tokens; with `denominator` (the whole batch's token count) the share of
     a micro-batch, so that the micro-batches' shares sum to the batch's mean."""
     return (x * mask).sum() / (mask.sum().clamp(min=1) if denominator is None else denominator)
+
+
+def standardized(scores: torch.Tensor, accelerator: Any) -> torch.Tensor:
+    """(r - mean) / std over the rewards of every process's batch (`normalize_rewards`)."""
+    stats = accelerator.reduce(torch.stack([scores.sum(), (scores**2).sum(), torch.tensor(float(len(scores)),
+                               device=scores.device)]).double(), "sum")  # fmt: skip
+    mean = stats[0] / stats[2]
+    var = (stats[1] / stats[2] - mean**2).clamp(min=0.0)
+    return ((scores - mean) * torch.rsqrt(var + 1e-8)).float()
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -712,7 +726,8 @@ def train_rl(
             # 4-6. log-probs, the KL-shaped reward, advantages and the update
             seqs = build_sequences(samples, tokenizer.pad_token_id, device)
             learning_rate = scheduler.get_last_lr()[0]
-            losses, seq_kl, old_logp = rl_update(config, updater, policy, reference, value_model, seqs, scores, step,
+            shaped = standardized(scores, accelerator) if config.normalize_rewards else scores
+            losses, seq_kl, old_logp = rl_update(config, updater, policy, reference, value_model, seqs, shaped, step,
                                                  last_checkpoint)  # fmt: skip
             if (
                 server is not None
