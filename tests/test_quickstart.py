@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 STAGES = [
     "align",
     "sft:sft",
@@ -15,7 +17,10 @@ STAGES = [
     "label",
     "reward_model",
     "rl:rlaif",
+    "rl:drlaif",
     "eval:rlaif-vs-sft",
+    "eval:drlaif-vs-sft",
+    "eval:drlaif-vs-rlaif",
     "report",
 ]
 
@@ -45,8 +50,18 @@ def test_quickstart_tiny_runs_every_stage_and_reports_real_numbers(tmp_path: Pat
     out = done.stdout
     assert "rlaif vs sft" in out and f"{100 * win['value']:.1f}%" in out
     assert "labeler vs humans" in out and "alignment" in out and "report:" in out
+    # d-RLAIF: the judge's score as the reward, a second policy, against SFT and head to head
+    assert "drlaif vs sft" in out and "drlaif vs rlaif" in out
+    drlaif = json.loads((run_dir / "eval/drlaif-vs-sft/eval.json").read_text())["win_rate"]
+    assert f"{100 * drlaif['value']:.1f}%" in out
+    assert yaml.safe_load((run_dir / "drlaif" / "config.yaml").read_text())["reward"]["type"] == "judge_score"
+    # the reward model's held-out accuracy against the judge's labels, with its verdict
+    rm = [json.loads(line) for line in (run_dir / "rm/metrics.jsonl").read_text().splitlines()]
+    final = [r for r in rm if "eval/accuracy" in r][-1]
+    assert "held-out accuracy" in out and f"{100 * final['eval/accuracy']:.1f}%" in out
+    assert "The reward model (rm/) learned the labels" in out or "The reward model (rm/) did not learn" in out
     html = (run_dir / "report.html").read_text()
     assert "data:image/png;base64," in html and "rlaif" in html
 
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)  # resumes: all done
-    assert again.returncode == 0 and "0 stage(s) run, 0 resumed, 8 up to date" in again.stdout
+    assert again.returncode == 0 and "0 stage(s) run, 0 resumed, 11 up to date" in again.stdout

@@ -82,8 +82,10 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     print(
         "openrlaif quickstart: a small GPT trained by this project on HH-RLHF dialogues is fine-tuned (SFT),\n"
         "samples answers to harmless-split prompts, the offline default judge labels pairs of them in both\n"
-        "orders, a reward model learns the soft labels, RL improves the policy against it, and the same judge\n"
-        "compares the RL policy with the SFT policy on held-out prompts. Re-running skips what is done."
+        "orders, a reward model learns the soft labels and RL improves the policy against it (canonical\n"
+        "RLAIF); a second RL policy takes the judge's own score as its reward (d-RLAIF). The same judge then\n"
+        "compares each with the SFT policy, and the two with each other, on held-out prompts.\n"
+        "Re-running skips what is done."
     )
     result = run_pipeline(config, show_progress=not args.quiet, quiet=args.quiet)
     _finish(result, config)
