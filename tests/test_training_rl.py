@@ -146,6 +146,39 @@ def test_pairwise_reward_is_each_samples_win_rate_against_the_others_of_its_prom
     assert win[3:] == pytest.approx([0.5, 0.5, 0.5])  # equal responses: a coin flip each
 
 
+@pytest.mark.parametrize("arch", ["tiny_gpt2", "tiny_llama"])
+def test_shared_prompt_training_pass_gives_the_gradients_of_the_full_pass(
+    arch: str, request: pytest.FixtureRequest
+) -> None:
+    """Each prompt encoded once for its K samples, with gradients on: the same log-probs and the
+    same parameter gradients as one full pass over every row (float rounding apart)."""
+    from transformers import AutoModelForCausalLM
+
+    from openrlaif.generation import sample
+    from openrlaif.training.common import load_pretrained, load_tokenizer
+    from openrlaif.training.rl import build_sequences, response_logprobs
+
+    path = str(request.getfixturevalue(arch))
+    tokenizer = load_tokenizer(path)
+    model = load_pretrained(AutoModelForCausalLM, path).eval()
+    texts = [r["prompt"] for r in sft_rows(3, seed=5)] + ["Human: Hi\n\nAssistant:"]  # unequal lengths
+    seqs = build_sequences(sample(model, tokenizer, texts, n=3, max_new_tokens=6, seed=1), tokenizer.pad_token_id,
+                           torch.device("cpu"))  # fmt: skip
+    weights = torch.randn(seqs.mask.shape, generator=torch.Generator().manual_seed(0))
+    logps, grads = {}, {}
+    for share in (False, True):
+        model.zero_grad()
+        logp, _ = response_logprobs(model, seqs, share_prompts=share)
+        (logp * weights * seqs.mask).sum().backward()
+        logps[share] = logp.detach()
+        grads[share] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert torch.allclose(logps[True], logps[False], atol=1e-5), (logps[True] - logps[False]).abs().max()
+    assert grads[True].keys() == grads[False].keys() and grads[False]
+    for name, full in grads[False].items():
+        diff, scale = (grads[True][name] - full).abs().max().item(), full.abs().max().item()
+        assert diff <= 1e-5 * scale + 1e-8, (name, diff, scale)  # summation order apart
+
+
 def test_fused_gelu_computes_gpt2s_activation(tiny_gpt2: Path) -> None:
     """`fused_activations` swaps GPT-2's gelu_new for the fused tanh-GELU: the same function."""
     from transformers import AutoModelForCausalLM

@@ -41,15 +41,18 @@ where π_ref is the frozen SFT model the policy starts from. Every step:
 
 One optimizer (AdamW) holds the policy's and the value model's parameters (the value model's
 learning rate is `value_learning_rate`), with one schedule stepped once per RL step; dropout is
-off (the update's log-probs are those the samples were drawn from); `whiten_advantages`
-normalises the advantages over the batch's tokens. `grad_accum_steps` splits each update into
+off (the update's log-probs are those the samples were drawn from); `normalize_rewards`
+standardises each step's rewards over the batch before the KL penalty (β then weighs KL against
+a unit-scale reward), `whiten_advantages` normalises the advantages over the batch's tokens. `grad_accum_steps` splits each update into
 micro-batches (of whole prompts; PPO: of each minibatch) whose losses are their shares of the
 batch's, so the gradient is the same with less activation memory; `gradient_checkpointing`
 (on by default) keeps only each transformer layer's input in the training forward, and
 `fused_activations` computes GPT-2's tanh-GELU in one kernel. With one
 update per rollout and no accumulation, the training forward also gives the old log-probs (the
 same weights and inputs: a separate no-grad pass would compute the same numbers). Log-probs
-are computed at the response positions only. A non-finite reward, KL or loss stops the run with
+are computed at the response positions only, and each prompt is encoded once for its K samples
+in the reference and old-policy passes, and in the training pass too when its layers are not
+checkpointed and one process trains (the gradient is the same; tested). A non-finite reward, KL or loss stops the run with
 one line naming the step and the quantity; the last good checkpoint stays. Checkpoints hold
 the policy, the value model (`value/`), the optimizer, scheduler, RNG states and the prompt
 position; `--resume` continues exactly (with server rollouts, as exactly as the server samples).
@@ -422,9 +425,12 @@ def response_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log π(y_t) of each response token, (N, R) float32 (0 after a response's end), and with
     `with_entropy` the entropy of π at each of those positions (no gradient; for the log).
-    `share_prompts` (no-grad passes only): rows with the same prompt share its forward pass."""
+    `share_prompts`: rows with the same prompt share its forward pass. With gradients on, autograd
+    sums the gradients of a prompt's copies into its one pass, so the gradient is the full pass's
+    up to float rounding; not for checkpointed layers (their recomputation would extend the cache
+    twice) nor a DDP-wrapped model (two forwards before one backward)."""
     width = seqs.labels.shape[1]
-    logits = _shared_prompt_logits(model, seqs) if share_prompts and not torch.is_grad_enabled() else None
+    logits = _shared_prompt_logits(model, seqs) if share_prompts else None
     if logits is None:
         kwargs: dict[str, Any] = {"logits_to_keep": width} if _accepts_logits_to_keep(model) else {}
         logits = model(
@@ -812,9 +818,13 @@ def rl_update(
                 torch.cat([response_values(value_model, seqs.rows(rows)) for rows in micro]) * mask
                 if value_model is not None else None
             )  # fmt: skip
+    # the training forward encodes each prompt once for its K samples where it can (see response_logprobs)
+    share = not updater.checkpointing and accelerator.num_processes == 1
     if fused:
         with accelerator.autocast(), checkpointed_layers(updater.models, updater.checkpointing):
-            train_logp, train_entropy = response_logprobs(policy, seqs, with_entropy=True)
+            train_logp, train_entropy = response_logprobs(
+                policy, seqs, with_entropy=True, share_prompts=share
+            )
             train_values = response_values(value_model, seqs) if value_model is not None else None
         old_logp = train_logp.detach()
         old_values = train_values.detach() * mask if train_values is not None else None
@@ -855,7 +865,7 @@ def rl_update(
         if fused:
             logp, entropy, values = train_logp, train_entropy, train_values
         else:
-            logp, entropy = response_logprobs(policy, seqs.rows(rows), with_entropy=True)
+            logp, entropy = response_logprobs(policy, seqs.rows(rows), with_entropy=True, share_prompts=share)
             values = response_values(value_model, seqs.rows(rows)) if value_model is not None else None
         zero = torch.zeros((), device=m.device)
         if config.algorithm == "reinforce":
