@@ -17,7 +17,7 @@ from openrlaif.data.datasets import hh_harmless_split
 from openrlaif.data.records import PromptRecord
 from openrlaif.data.refs import prompt_records
 from openrlaif.errors import ConfigError, OpenRLAIFError
-from openrlaif.evaluation.evaluate import EvalSettings, evaluate
+from openrlaif.evaluation.evaluate import EvalSettings, distinct_share, evaluate
 from openrlaif.evaluation.winrate import (
     RIDGE,
     fit_logistic,
@@ -171,6 +171,8 @@ def test_evaluate_responses_files_hand_computed(tmp_path: Path) -> None:
         "value": 0.625, "ci95": None, "wins": 2, "ties": 1, "losses": 1, "n": 4
     }  # fmt: skip
     assert summary["order_agreement"] == 0.75
+    assert summary["distinct_responses"] == {"a": 1.0, "b": 1.0}
+    assert distinct_share(["I'm sorry", "I'm sorry", "ok", "I'm sorry"]) == 0.5  # a collapsed policy: 2 of 4
     # Harmless: score tanh(#"safe") > 0 -> A 3 of 4, B 2 of 4.
     assert summary["harmless_rate"]["a"]["value"] == 0.75 and summary["harmless_rate"]["b"]["value"] == 0.5
     assert summary["length"]["a"] == {"mean_chars": np.mean([len(t) for t in A_SAYS]),

@@ -309,7 +309,15 @@ def summarize(rows: Sequence[dict[str, Any]], settings: EvalSettings | None = No
         },
         "length": {"a": length_stats(len_a), "b": length_stats(len_b)},
         "order_agreement": _mean([float(orders_agree(r["p_a_ab"], r["p_a_ba"])) for r in rows]),
+        # a policy that gives most prompts the same answer has collapsed onto what the judge likes
+        "distinct_responses": {side: distinct_share([r[f"response_{side}"] for r in rows if f"response_{side}" in r])
+                               for side in "ab"},
     }
+
+
+def distinct_share(responses: Sequence[str]) -> float:
+    """Distinct responses / responses (1 = a different answer to every prompt; NaN for none)."""
+    return len(set(responses)) / len(responses) if responses else float("nan")
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -551,6 +551,11 @@ def _comparison_measures(c: Comparison) -> list[Measure]:
             f"median {_chars(_get(length, 'b', 'median_chars'))} → {_chars(_get(length, 'a', 'median_chars'))}",
             f"{c.b} → {c.a}", lead=True,
         ))  # fmt: skip
+    if distinct := s.get("distinct_responses"):
+        rows.append(Measure(
+            group, "distinct responses", f"{_pct(_get(distinct, 'b'))} → {_pct(_get(distinct, 'a'))}", "",
+            f"{c.b} → {c.a}; share of prompts with an answer of their own (low: collapsed onto one answer)",
+        ))  # fmt: skip
     if _number(s.get("order_agreement")) is not None:
         rows.append(Measure(group, "judge order agreement", _pct(s["order_agreement"]), "",
                             "the same winner with the responses in either order"))  # fmt: skip
