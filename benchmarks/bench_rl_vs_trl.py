@@ -5,8 +5,8 @@ Both train the same tiny GPT-2 architecture model (built locally, random weights
 `--prompt-tokens` tokens, decoded, and the same text given to both), with the same K samples per
 prompt, max new tokens, temperature 0.9, top_p 1, prompts per step, steps, learning rate
 (constant), AdamW without weight decay, gradient clipping 1.0, β 0.05, fp32, 2 threads, and the
-same reward: a deterministic Python function of the response text (the number of times " the"
-occurs), given to TRL as a reward function and to openrlaif as a `Judge`'s `score_responses`
+same reward: a deterministic Python function of the response text (tanh of a quarter of the number
+of times " the" occurs), given to TRL as a reward function and to openrlaif as a `Judge`'s `score_responses`
 (reward type `judge_score`). Each side runs in its own subprocess (started from the same saved
 model); its peak memory is that process's RSS high-water mark (VmHWM, model load included).
 
@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -79,8 +80,9 @@ LEARNING_RATE = 1e-6
 
 
 def reward_of(text: str) -> float:
-    """The shared reward: a cheap deterministic function of the response text."""
-    return float(text.count(KEYWORD))
+    """The shared reward: a cheap deterministic function of the response text, in [0, 1) (a
+    judge's score must lie in [-1, 1])."""
+    return math.tanh(text.count(KEYWORD) / 4)
 
 
 def peak_rss_mib() -> float:
