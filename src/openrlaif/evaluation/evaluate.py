@@ -310,8 +310,10 @@ def summarize(rows: Sequence[dict[str, Any]], settings: EvalSettings | None = No
         "length": {"a": length_stats(len_a), "b": length_stats(len_b)},
         "order_agreement": _mean([float(orders_agree(r["p_a_ab"], r["p_a_ba"])) for r in rows]),
         # a policy that gives most prompts the same answer has collapsed onto what the judge likes
-        "distinct_responses": {side: distinct_share([r[f"response_{side}"] for r in rows if f"response_{side}" in r])
-                               for side in "ab"},
+        "distinct_responses": {
+            side: distinct_share([r[f"response_{side}"] for r in rows if f"response_{side}" in r])
+            for side in "ab"
+        },
     }
 
 
