@@ -49,15 +49,15 @@ class GenerateConfig(BaseModel):
     policy: str | None = None  # Hugging Face model id or local folder, sampled in process
     server: ServerConfig | None = None  # ... or an OpenAI-compatible server
     prompts: str  # a .jsonl/.jsonl.gz/.parquet file (`prompt`, optional `id`) or "hh-harmless"
-    limit: int | None = Field(None, ge=1)  # only the first N prompts
+    limit: int | None = Field(default=None, ge=1)  # only the first N prompts
     skip_invalid: bool = False  # skip bad prompt rows (and report them) instead of stopping
-    num_responses: int = Field(4, ge=1)  # N samples per prompt
-    temperature: float = Field(0.9, ge=0.0)  # the RLAIF paper's sampling temperature; 0 = greedy
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_new_tokens: int = Field(128, ge=1)
+    num_responses: int = Field(default=4, ge=1)  # N samples per prompt
+    temperature: float = Field(default=0.9, ge=0.0)  # the RLAIF paper's sampling temperature; 0 = greedy
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(default=128, ge=1)
     seed: int = 0
     # In process only:
-    batch_size: int = Field(16, ge=1)  # sequences per generate call
+    batch_size: int = Field(default=16, ge=1)  # sequences per generate call
     chat_template: Literal["auto", "on", "off"] = "auto"  # "auto": use it when the tokenizer has one
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on a GPU, else fp32
     device: str = "auto"  # "auto" = cuda when available, else cpu
@@ -66,7 +66,9 @@ class GenerateConfig(BaseModel):
     # Output:
     out: str  # responses, .jsonl; re-running resumes
     pairs_out: str | None = None  # also write pairs of distinct responses (.jsonl or .parquet)
-    pairs_per_prompt: int | None = Field(None, ge=1)  # None: all pairs; else that many, picked by seed
+    pairs_per_prompt: int | None = Field(
+        default=None, ge=1
+    )  # None: all pairs; else that many, picked by seed
 
     @field_validator("out")
     @classmethod
@@ -208,8 +210,8 @@ def generate(config: GenerateConfig, show_progress: bool = True) -> GenerateResu
                     progress.advance(task, len(rows))
         finally:
             if server is not None:
-                result.server_stats = server.stats()
-                server.close()
+                result.server_stats = server.client.stats()
+                server.client.close()
     if config.pairs_out is not None:
         pairs = build_pairs(read_jsonl_dicts(out), prompts, n, config.pairs_per_prompt, config.seed)
         write_records(config.pairs_out, pairs)

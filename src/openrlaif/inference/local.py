@@ -60,6 +60,7 @@ def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
 
 
 def finish_reason(response_ids: Sequence[int], eos_ids: set[int]) -> str:
+    """As OpenAI reports it: "stop" when the response ended with an EOS, "length" when it was cut."""
     return "stop" if response_ids and response_ids[-1] in eos_ids else "length"
 
 
@@ -257,8 +258,7 @@ def sample(
         model, tokenizer, [r[0] for r in repeated], [r[1] for r in repeated], [r[2] for r in repeated],
         seed, max_new_tokens, chat_template,
     )  # fmt: skip
-    samples: list[Sample | None] = [None] * len(rows)
+    samples: dict[int, Sample] = {}  # batches come longest prompt first: put back in order
     for batch in iter_samples(model, tokenizer, rows, temperature, max_new_tokens, top_p, batch_size):
-        for i, s in batch:
-            samples[i] = s
-    return samples  # type: ignore[return-value] - every row was filled
+        samples.update(batch)
+    return [samples[i] for i in range(len(rows))]

@@ -38,11 +38,11 @@ class ServerConfig(BaseModel):
     base_urls: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8000/v1"], min_length=1)
     endpoint: Literal["completions", "chat"] = "completions"  # chat: the server's chat template
     api_key_env: str | None = "OPENAI_API_KEY"  # the *name* of the variable; the key is never stored
-    concurrency: int = Field(32, ge=1)  # requests in flight; also 4x this many are written per chunk
-    timeout_s: float = Field(300.0, gt=0)  # per request: a long response takes a while
-    max_retries: int = Field(5, ge=0)
-    backoff_base_s: float = Field(0.5, ge=0)
-    backoff_max_s: float = Field(30.0, ge=0)
+    concurrency: int = Field(default=32, ge=1)  # requests in flight; also 4x this many are written per chunk
+    timeout_s: float = Field(default=300.0, gt=0)  # per request: a long response takes a while
+    max_retries: int = Field(default=5, ge=0)
+    backoff_base_s: float = Field(default=0.5, ge=0)
+    backoff_max_s: float = Field(default=30.0, ge=0)
 
 
 class RolloutServerConfig(ServerConfig):
@@ -57,11 +57,11 @@ class RolloutServerConfig(ServerConfig):
 
     sync_dir: str | None = None  # default: <output_dir>/rollout_policy; the servers must read this path
     # steps between weight syncs (> 1: rollouts from a policy up to sync_every - 1 steps old)
-    sync_every: int = Field(1, ge=1)
+    sync_every: int = Field(default=1, ge=1)
     reload_endpoint: str = "/update_weights_from_disk"  # SGLang's
     # the JSON body of the reload request; "{path}" in a string becomes the saved folder's path
     reload_body: dict[str, Any] = Field(default_factory=lambda: {"model_path": "{path}"})
-    reload_timeout_s: float = Field(600.0, gt=0)  # a large model takes a while to load
+    reload_timeout_s: float = Field(default=600.0, gt=0)  # a large model takes a while to load
 
     @field_validator("endpoint")
     @classmethod
@@ -78,18 +78,21 @@ class RolloutServerConfig(ServerConfig):
         return endpoint
 
 
-# ---------------------------------------------------------------- server
+# ---------------------------------------------------------------- text samples (`openrlaif generate`)
 
 
 @dataclass
 class ServerSample:
+    """One sampled response as text."""
+
     text: str
     finish_reason: str
     num_tokens: int | None  # from the reply's usage, when the server reports it
 
 
 class ServerSampler:
-    """Samples through an OpenAI-compatible server: one request per sample, with its seed."""
+    """Samples through an OpenAI-compatible server: one request per sample, with its seed. Its
+    `client` holds the connections (`client.stats()`, `client.close()`)."""
 
     client_name: ClassVar[str] = "generation server"  # starts its error messages
 
@@ -102,14 +105,6 @@ class ServerSampler:
             error_type=GenerationError,
             bad_request_hint=" (check max_new_tokens against the model's context, e.g. vLLM --max-model-len)",
         )
-
-    def stats(self) -> dict[str, Any]:
-        """Requests, retries and failures in total and per base URL."""
-        return self.client.stats()
-
-    def close(self) -> None:
-        """Close the HTTP connections and stop the event-loop thread (restarted if used again)."""
-        self.client.close()
 
     def sample(self, items: Sequence[tuple[str, int]]) -> list[ServerSample]:
         """One sample per (prompt, seed), in order, requests running concurrently."""
@@ -125,6 +120,22 @@ class ServerSampler:
             return await self.client.post("/completions", {**body, "prompt": prompt}, _read_sample)
         messages = to_messages(prompt)
         return await self.client.post("/chat/completions", {**body, "messages": messages}, _read_sample)
+
+
+def _read_sample(data: Any) -> ServerSample:
+    """A completions or chat reply; a reply without text raises, and is retried like a 5xx."""
+    choice = data["choices"][0]
+    text = choice["text"] if "text" in choice else choice["message"]["content"]
+    if text is None:  # some servers send null content for an empty reply
+        text = ""
+    if not isinstance(text, str):
+        raise TypeError("the reply's text is not a string")
+    usage = data.get("usage") or {}
+    tokens = usage.get("completion_tokens")
+    return ServerSample(text.strip(), str(choice.get("finish_reason") or "unknown"), tokens)
+
+
+# ---------------------------------------------------------------- token samples and weight reload (RL)
 
 
 @dataclass
@@ -252,16 +263,3 @@ def sample_from_server(
         text = tokenizer.decode(response, skip_special_tokens=True).strip()
         samples.append(Sample(list(prompt_ids), response, text, logprobs))
     return samples
-
-
-def _read_sample(data: Any) -> ServerSample:
-    """A completions or chat reply; a reply without text raises, and is retried like a 5xx."""
-    choice = data["choices"][0]
-    text = choice["text"] if "text" in choice else choice["message"]["content"]
-    if text is None:  # some servers send null content for an empty reply
-        text = ""
-    if not isinstance(text, str):
-        raise TypeError("the reply's text is not a string")
-    usage = data.get("usage") or {}
-    tokens = usage.get("completion_tokens")
-    return ServerSample(text.strip(), str(choice.get("finish_reason") or "unknown"), tokens)
