@@ -36,7 +36,7 @@ Differences in work that remain:
   reference log-probs, both without gradient, then the training forward); openrlaif runs two
   (reference, training forward): with one update per rollout its training forward has the same
   weights and inputs as an old-policy pass, so it takes the old log-probs from it (detached).
-- Generation: each side uses its own generation code (openrlaif `generation.sample`, TRL
+- Generation: each side uses its own generation code (openrlaif `inference.local.sample`, TRL
   `model.generate`, both Hugging Face `generate` with a dynamic KV cache). openrlaif encodes each
   prompt once for its K samples and copies the prompt's KV cache to them; TRL encodes all
   prompts x K rows. Response lengths follow from the random policy and differ slightly.

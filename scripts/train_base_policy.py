@@ -180,7 +180,7 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
 
 
 def show_samples(model: Any, tokenizer: Any, prompts: list[str], seed: int) -> list[dict[str, str]]:
-    from openrlaif.generation import sample
+    from openrlaif.inference.local import sample
 
     got = sample(model, tokenizer, prompts, n=1, temperature=0.8, max_new_tokens=60, top_p=0.95, seed=seed)
     rows = []

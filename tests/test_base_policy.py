@@ -90,7 +90,7 @@ def test_held_out_loss_is_far_below_a_random_model(policy: tuple[Path, Any, Any]
 
 
 def test_samples_are_non_empty_text(policy: tuple[Path, Any, Any]) -> None:
-    from openrlaif.generation import sample
+    from openrlaif.inference.local import sample
 
     _, tokenizer, model = policy
     prompts = [p.prompt for p in hh_harmless_split("eval")[:2]]

@@ -233,7 +233,7 @@ def test_model_side_is_sampled_in_process_and_a_killed_run_resumes(tiny_gpt2: Pa
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from openrlaif.generation import sample
+    from openrlaif.inference.local import sample
 
     prompts = [PromptRecord(f"p{i}", p) for i, p in enumerate(PROMPTS)]
     b = responses_file(tmp_path / "b.jsonl", B_SAYS)

@@ -23,18 +23,15 @@ from openrlaif.data.records import PromptRecord
 from openrlaif.errors import ConfigError, InputError
 from openrlaif.generation import (
     GenerateConfig,
-    GenerationError,
     add_generate_command,
     build_pairs,
     cmd_generate,
-    eos_token_ids,
-    finish_reason,
     generate,
     load_generate_config,
-    sample,
-    sampling_processors,
     to_messages,
 )
+from openrlaif.inference.errors import GenerationError
+from openrlaif.inference.local import eos_token_ids, finish_reason, sample, sampling_processors
 
 PROMPTS = [
     "\n\nHuman: How do I bake bread?\n\nAssistant:",

@@ -154,7 +154,7 @@ def test_shared_prompt_training_pass_gives_the_gradients_of_the_full_pass(
     same parameter gradients as one full pass over every row (float rounding apart)."""
     from transformers import AutoModelForCausalLM
 
-    from openrlaif.generation import sample
+    from openrlaif.inference.local import sample
     from openrlaif.training.common import load_pretrained, load_tokenizer
     from openrlaif.training.rl import build_sequences, response_logprobs
 
@@ -287,7 +287,7 @@ def test_each_algorithm_raises_the_d_rlaif_score_with_bounded_kl(
 def test_pairwise_judge_reward_raises_the_rate_the_judge_prefers(
     tiny_gpt2: Path, prompts: Path, tmp_path: Path
 ) -> None:
-    from openrlaif.generation import sample
+    from openrlaif.inference.local import sample
     from openrlaif.training.common import load_pretrained, load_tokenizer
 
     config = rl_config(tiny_gpt2, prompts, tmp_path / "pairwise", algorithm="rloo",
@@ -405,7 +405,7 @@ def test_rollouts_through_a_server_that_reloads_the_policy(
     from openai_server import LocalLM, OpenAITestServer
     from transformers import AutoModelForCausalLM
 
-    from openrlaif.generation import GenerationError
+    from openrlaif.inference.errors import GenerationError
 
     initial = weights_digest(AutoModelForCausalLM.from_pretrained(tiny_gpt2))
     with OpenAITestServer(LocalLM(tiny_gpt2, name="policy")) as server:

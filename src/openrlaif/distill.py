@@ -17,7 +17,8 @@ from typing import Any
 from openrlaif.config import EmbeddingJudgeConfig, EnsembleJudgeConfig, HFJudgeConfig, OpenAIJudgeConfig
 from openrlaif.data.io import read_jsonl_dicts, write_records
 from openrlaif.errors import ConfigError
-from openrlaif.generation import GenerateConfig, ServerConfig, generate
+from openrlaif.generation import GenerateConfig, generate
+from openrlaif.inference.server import ServerConfig
 
 
 def teacher_source(model: str | None, judge: str | None) -> dict[str, Any]:

@@ -80,7 +80,9 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from openrlaif.generation import RolloutServerConfig
+from openrlaif.generation import load_prompts
+from openrlaif.inference.local import sample
+from openrlaif.inference.server import RolloutSampler, RolloutServerConfig, sample_from_server
 from openrlaif.training.common import (
     IGNORE_INDEX,
     ExampleIdLog,
@@ -623,8 +625,6 @@ def train_rl(
     """Train; with `resume`, continue from the newest checkpoint in `output_dir` exactly.
     `judge` replaces the configured judge (a `Judge` object, e.g. for tests)."""
     from transformers import AutoModelForCausalLM
-
-    from openrlaif.generation import RolloutSampler, load_prompts, sample, sample_from_server
 
     quiet_transformers()
     accelerator = make_accelerator(config)

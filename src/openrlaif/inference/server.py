@@ -1,0 +1,265 @@
+"""Sampling through an OpenAI-compatible server (vLLM, SGLang, ...), for large models and RL.
+
+`ServerSampler` (`openrlaif generate`'s `server:`) sends one request per sample rather than `n`
+per prompt, so each sample has its own seed (`local.sample_seed`) and a retry or a resume redoes
+just that one; vLLM's prefix cache shares the prompt's work. `RolloutSampler` (RL's
+`rollout_server:`) sends the prompt as token ids (the trainer's encoding) and reads back the
+sampled token ids, and makes every server reload the policy's weights from disk
+(`reload_weights`), so the server samples from the policy being trained; `sample_from_server` is
+`local.sample` through it.
+
+Both hold an `inference.http.OpenAIClient` for the transport: bounded concurrency, retries,
+fleets, the API key from the environment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from openrlaif.inference.errors import GenerationError
+from openrlaif.inference.http import OpenAIClient
+from openrlaif.inference.local import Sample, eos_token_ids, prepare_rows
+
+# ---------------------------------------------------------------- config
+
+
+class ServerConfig(BaseModel):
+    """An OpenAI-compatible server (vLLM, SGLang, llama.cpp server, OpenAI) that samples."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())  # a misspelt setting is an error
+
+    model: str  # the name the server serves
+    base_urls: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8000/v1"], min_length=1)
+    endpoint: Literal["completions", "chat"] = "completions"  # chat: the server's chat template
+    api_key_env: str | None = "OPENAI_API_KEY"  # the *name* of the variable; the key is never stored
+    concurrency: int = Field(default=32, ge=1)  # requests in flight; also 4x this many are written per chunk
+    timeout_s: float = Field(default=300.0, gt=0)  # per request: a long response takes a while
+    max_retries: int = Field(default=5, ge=0)
+    backoff_base_s: float = Field(default=0.5, ge=0)
+    backoff_max_s: float = Field(default=30.0, ge=0)
+
+
+class RolloutServerConfig(ServerConfig):
+    """RL rollouts from an OpenAI-compatible server. The policy changes every step, so every
+    `sync_every` steps (and at the start of a run, resumed or not) the trainer saves it as a
+    Hugging Face folder under `sync_dir` and POSTs `reload_body` to `reload_endpoint` at every
+    server's root (the base URL without `/v1`); the default is SGLang's
+    `POST /update_weights_from_disk {"model_path": ...}`. Prompts go as token ids (the trainer's
+    encoding, chat template included) to `/completions`; the sampled token ids come back through
+    vLLM's `return_token_ids` (or `return_tokens_as_token_ids` log-probs): text is never
+    re-tokenised. The trainer computes the old-policy and reference log-probs itself."""
+
+    sync_dir: str | None = None  # default: <output_dir>/rollout_policy; the servers must read this path
+    # steps between weight syncs (> 1: rollouts from a policy up to sync_every - 1 steps old)
+    sync_every: int = Field(default=1, ge=1)
+    reload_endpoint: str = "/update_weights_from_disk"  # SGLang's
+    # the JSON body of the reload request; "{path}" in a string becomes the saved folder's path
+    reload_body: dict[str, Any] = Field(default_factory=lambda: {"model_path": "{path}"})
+    reload_timeout_s: float = Field(default=600.0, gt=0)  # a large model takes a while to load
+
+    @field_validator("endpoint")
+    @classmethod
+    def _completions(cls, endpoint: str) -> str:
+        if endpoint != "completions":
+            raise ValueError("RL rollouts send token ids, which only the completions endpoint takes")
+        return endpoint
+
+    @field_validator("reload_endpoint")
+    @classmethod
+    def _path(cls, endpoint: str) -> str:
+        if not endpoint.startswith("/"):
+            raise ValueError(f"must be a path at the server's root starting with '/', got {endpoint!r}")
+        return endpoint
+
+
+# ---------------------------------------------------------------- text samples (`openrlaif generate`)
+
+
+@dataclass
+class ServerSample:
+    """One sampled response as text."""
+
+    text: str
+    finish_reason: str
+    num_tokens: int | None  # from the reply's usage, when the server reports it
+
+
+class ServerSampler:
+    """Samples through an OpenAI-compatible server: one request per sample, with its seed. Its
+    `client` holds the connections (`client.stats()`, `client.close()`)."""
+
+    client_name: ClassVar[str] = "generation server"  # starts its error messages
+
+    def __init__(self, config: ServerConfig, temperature: float, top_p: float, max_new_tokens: int) -> None:
+        self.config = config
+        self.sampling = {"temperature": temperature, "top_p": top_p, "max_tokens": max_new_tokens}
+        self.client = OpenAIClient(
+            config,
+            name=self.client_name,
+            error_type=GenerationError,
+            bad_request_hint=" (check max_new_tokens against the model's context, e.g. vLLM --max-model-len)",
+        )
+
+    def sample(self, items: Sequence[tuple[str, int]]) -> list[ServerSample]:
+        """One sample per (prompt, seed), in order, requests running concurrently."""
+        return self.client.run(self.client.gather([self._one(prompt, seed) for prompt, seed in items]))
+
+    async def _one(self, prompt: str, seed: int) -> ServerSample:
+        # Not at the top: chat encoding still lives in generation.py, which imports this module (a
+        # cycle at import time). Issue 11 moves it to data/chat.py; then this becomes a top-level import.
+        from openrlaif.generation import to_messages
+
+        body: dict[str, Any] = {"model": self.config.model, **self.sampling, "seed": seed}
+        if self.config.endpoint == "completions":
+            return await self.client.post("/completions", {**body, "prompt": prompt}, _read_sample)
+        messages = to_messages(prompt)
+        return await self.client.post("/chat/completions", {**body, "messages": messages}, _read_sample)
+
+
+def _read_sample(data: Any) -> ServerSample:
+    """A completions or chat reply; a reply without text raises, and is retried like a 5xx."""
+    choice = data["choices"][0]
+    text = choice["text"] if "text" in choice else choice["message"]["content"]
+    if text is None:  # some servers send null content for an empty reply
+        text = ""
+    if not isinstance(text, str):
+        raise TypeError("the reply's text is not a string")
+    usage = data.get("usage") or {}
+    tokens = usage.get("completion_tokens")
+    return ServerSample(text.strip(), str(choice.get("finish_reason") or "unknown"), tokens)
+
+
+# ---------------------------------------------------------------- token samples and weight reload (RL)
+
+
+@dataclass
+class TokenSample:
+    """A server's sample as token ids (and their log-probs under the server's weights, when sent)."""
+
+    token_ids: list[int]
+    logprobs: list[float] | None
+    finish_reason: str
+
+
+class RolloutSampler(ServerSampler):
+    """RL's rollouts through a server: prompts as token ids in, sampled token ids out, and the
+    weight reload that keeps the server's policy the trainer's."""
+
+    client_name: ClassVar[str] = "rollout server"
+
+    def __init__(
+        self, config: RolloutServerConfig, temperature: float, top_p: float, max_new_tokens: int
+    ) -> None:
+        super().__init__(config, temperature, top_p, max_new_tokens)
+        self.config: RolloutServerConfig = config  # the same object, typed with its reload settings
+
+    def sample_tokens(self, items: Sequence[tuple[list[int], int]]) -> list[TokenSample]:
+        """One sample per (prompt token ids, seed), in order, requests running concurrently."""
+        return self.client.run(self.client.gather([self._one_tokens(ids, seed) for ids, seed in items]))
+
+    async def _one_tokens(self, prompt_ids: list[int], seed: int) -> TokenSample:
+        body = {
+            "model": self.config.model, **self.sampling, "seed": seed, "prompt": prompt_ids,
+            # vLLM: the sampled ids (`return_token_ids`, or the log-probs' tokens as "token_id:N"), and
+            # the sampled token's log-prob (a check that the server serves the trainer's weights)
+            "return_token_ids": True, "logprobs": 1, "return_tokens_as_token_ids": True,
+        }  # fmt: skip
+        return await self.client.post("/completions", body, _read_token_sample)
+
+    def reload_weights(self, path: Path) -> None:
+        """Every server (all of `base_urls`) loads the policy saved in `path`."""
+        urls = [server.url for server in self.client.servers]
+        self.client.run(self.client.gather([self._reload(url, path) for url in urls]))
+
+    async def _reload(self, base_url: str, path: Path) -> None:
+        url = base_url.removesuffix("/v1") + self.config.reload_endpoint
+        body = _fill_path(self.config.reload_body, str(path.resolve()))
+        timeout = self.config.reload_timeout_s
+        try:
+            response = await self.client.post_once(url, body, timeout)
+        except (TimeoutError, httpx.TimeoutException):
+            raise self.client.error(
+                f"{url}: no answer to the weight reload within reload_timeout_s={timeout:g}"
+            ) from None
+        except httpx.RequestError as e:
+            raise self.client.error(f"{url}: the weight reload failed ({type(e).__name__}: {e})") from None
+        try:
+            data = response.json()
+        except ValueError:
+            data = None
+        failed = isinstance(data, dict) and data.get("success") is False  # SGLang answers 200/400 with it
+        if response.status_code != 200 or failed:
+            explanation = (
+                data.get("message") if isinstance(data, dict) and data.get("message") else response.text
+            )
+            raise self.client.error(
+                f"{url} did not reload the weights from {path} (HTTP {response.status_code}: "
+                f"{self.client.clean(str(explanation))}); check reload_endpoint/reload_body and that the server "
+                "can read sync_dir"
+            )
+
+
+def _fill_path(value: Any, path: str) -> Any:
+    """`reload_body` with every "{path}" in its strings replaced by the folder."""
+    if isinstance(value, str):
+        return value.replace("{path}", path)
+    if isinstance(value, dict):
+        return {k: _fill_path(v, path) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fill_path(v, path) for v in value]
+    return value
+
+
+def _read_token_sample(data: Any) -> TokenSample:
+    """A completions reply's token ids: `choices[0].token_ids` (vLLM's `return_token_ids`), else the
+    log-probs' tokens when they read "token_id:N" (`return_tokens_as_token_ids`)."""
+    choice = data["choices"][0]
+    logprobs = choice.get("logprobs") or {}
+    ids = choice.get("token_ids")
+    if (
+        ids is None
+        and logprobs.get("tokens")
+        and all(str(t).startswith("token_id:") for t in logprobs["tokens"])
+    ):
+        ids = [int(str(t).removeprefix("token_id:")) for t in logprobs["tokens"]]
+    if ids is None or not all(isinstance(t, int) for t in ids):
+        raise _NoTokenIds("the reply has no token ids (the server must honour vLLM's return_token_ids)")
+    values = logprobs.get("token_logprobs")
+    values = [float(v) for v in values] if isinstance(values, list) and len(values) == len(ids) else None
+    return TokenSample(list(ids), values, str(choice.get("finish_reason") or "unknown"))
+
+
+class _NoTokenIds(ValueError):
+    """A reply without token ids: unusable (retried like a 5xx, then reported)."""
+
+
+def sample_from_server(
+    server: RolloutSampler, model: Any, tokenizer: Any, prompts: Sequence[str], n: int, *, seed: int,
+    keys: Sequence[str], max_new_tokens: int, chat_template: Literal["auto", "on", "off"] = "auto",
+) -> list[Sample]:  # fmt: skip
+    """`sample` through a server: the same prompt encoding (here, by `model`'s tokenizer) and per-sample
+    seeds, prompt-major. A response that stopped ("stop") is given the EOS it ended with when the
+    server left it out: the EOS is an action the policy took."""
+    repeated = [(p, k, i) for p, k in zip(prompts, keys, strict=True) for i in range(n)]
+    rows = prepare_rows(
+        model, tokenizer, [r[0] for r in repeated], [str(r[1]) for r in repeated], [r[2] for r in repeated],
+        seed, max_new_tokens, chat_template,
+    )  # fmt: skip
+    eos = eos_token_ids(model, tokenizer)
+    samples = []
+    for (prompt_ids, _), got in zip(rows, server.sample_tokens(rows), strict=True):
+        response, logprobs = got.token_ids[:max_new_tokens], got.logprobs
+        if got.finish_reason == "stop" and (not response or response[-1] not in eos):
+            response = [*response, tokenizer.eos_token_id if tokenizer.eos_token_id is not None else min(eos)]
+            logprobs = None  # no log-prob for the EOS the server left out
+        if logprobs is not None:
+            logprobs = logprobs[: len(response)]
+        text = tokenizer.decode(response, skip_special_tokens=True).strip()
+        samples.append(Sample(list(prompt_ids), response, text, logprobs))
+    return samples
