@@ -11,9 +11,13 @@ from scripted_judge import ScriptedJudge
 from openrlaif.config import (
     EmbeddingJudgeConfig,
     EnsembleJudgeConfig,
+    StrictModel,
     answer_fields,
+    apply_overrides,
     builtin_judge_names,
+    format_validation_error,
     load_judge_config,
+    parse_set_overrides,
 )
 from openrlaif.errors import ConfigError
 from openrlaif.judges.cache import JudgmentCache, judgment_key
@@ -191,3 +195,70 @@ def test_speed_settings_are_not_part_of_the_answer() -> None:
     b = EmbeddingJudgeConfig(rubric="r", batch_size=128, device="cuda")
     assert answer_fields(a) == answer_fields(b)
     assert answer_fields(a) != answer_fields(EmbeddingJudgeConfig(rubric="r", temperature=1.0))
+
+
+# ---------------------------------------------------------------- --set overrides and one-line errors
+
+
+def test_set_overrides_read_values_as_yaml_and_nest_dotted_keys() -> None:
+    overrides = parse_set_overrides(["a.b=0.1", "c=[1, 2]", "d={x: y}", "e=", " f =off", "a.b=2"])
+    assert overrides == {"c": [1, 2], "d": {"x": "y"}, "e": None, "f": False, "a.b": 2}
+    assert list(overrides) == ["c", "d", "e", "f", "a.b"]  # a repeated key counts where it was last set
+    data = {"a": {"k": 1}, "d": {"old": 1}}
+    apply_overrides(data, overrides)
+    assert data == {"a": {"k": 1, "b": 2}, "d": {"x": "y"}, "c": [1, 2], "e": None, "f": False}
+    nested: dict = {}
+    apply_overrides(nested, parse_set_overrides(["p.q.r=1"]))
+    assert nested == {"p": {"q": {"r": 1}}}
+
+
+@pytest.mark.parametrize("item", ["max_steps", "=3", "a..b=1", "a.=1", ".a=1", " =1"])
+def test_malformed_set_item_is_a_one_line_error(item: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_set_overrides([item])
+    assert str(err.value) == f"--set {item!r}: expected KEY=VALUE, e.g. --set max_steps=100"
+    with pytest.raises(ConfigError, match=r"e\.g\. --set eval\.limit=50$"):
+        parse_set_overrides([item], example="eval.limit=50")
+
+
+def test_set_value_that_is_not_yaml_is_a_one_line_error() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_set_overrides(["a=[unclosed"])
+    assert str(err.value) == "--set 'a=[unclosed': the value is not valid YAML"
+
+
+def test_set_through_a_setting_that_is_not_a_mapping_is_an_error() -> None:
+    with pytest.raises(ConfigError) as err:
+        apply_overrides({"eval": 3}, parse_set_overrides(["eval.limit=5"]))
+    assert str(err.value) == "--set eval.limit: 'eval' is not a mapping of settings"
+
+
+def test_run_with_a_malformed_set_exits_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from openrlaif.cli import main
+
+    assert main(["run", "quickstart-tiny", "--set", "eval.limit", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err == "error: --set 'eval.limit': expected KEY=VALUE, e.g. --set policies.rlaif.settings.beta=0.1\n"
+    )
+
+
+def test_validation_error_is_one_line_naming_the_setting() -> None:
+    from typing import Literal
+
+    from pydantic import Field, ValidationError
+
+    class Inner(StrictModel):
+        kind: Literal["x"] = "x"
+        size: int = Field(1, ge=1)
+
+    class Outer(StrictModel):
+        inner: Inner
+        other: int = 0
+
+    with pytest.raises(ValidationError) as err:
+        Outer.model_validate({"inner": {"size": 0, "typo": 1}, "other": "n"})
+    assert format_validation_error("f.yaml", err.value) == (
+        "f.yaml: inner.size: Input should be greater than or equal to 1 (and 2 more)"
+    )
+    assert format_validation_error("f.yaml", err.value, drop=("inner",)).startswith("f.yaml: size: ")

@@ -276,9 +276,9 @@ def test_same_model_both_sides_is_sampled_once_and_ties(tiny_gpt2: Path, tmp_pat
 
 
 def test_eval_cli_prints_the_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    import openrlaif.cli
+    import openrlaif.cli.evaluate
 
-    monkeypatch.setattr(openrlaif.cli, "_open_judge", lambda args: ScriptedJudge(bias=0.5))
+    monkeypatch.setattr(openrlaif.cli.evaluate, "open_judge_from_args", lambda args: ScriptedJudge(bias=0.5))
     a, b = responses_file(tmp_path / "a.jsonl", A_SAYS), responses_file(tmp_path / "b.jsonl", B_SAYS)
     out = tmp_path / "eval"
     code = main(["eval", "--a", str(a), "--b", str(b), "--out", str(out), "--quiet", "--name-a", "rl"])

@@ -3,7 +3,6 @@ OpenAI-compatible test server (tests/openai_server.py) over real sockets."""
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 from collections import Counter
@@ -18,14 +17,14 @@ from transformers import (
     AutoTokenizer,
 )
 
+from openrlaif.cli import build_parser
+from openrlaif.cli.generate import cmd_generate
 from openrlaif.data.io import read_pairs
 from openrlaif.data.records import PromptRecord
 from openrlaif.errors import ConfigError, InputError
 from openrlaif.generation import (
     GenerateConfig,
-    add_generate_command,
     build_pairs,
-    cmd_generate,
     generate,
     load_generate_config,
     to_messages,
@@ -75,9 +74,7 @@ def rows(path: Path) -> list[dict[str, Any]]:
 
 
 def run_cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser()
-    add_generate_command(parser.add_subparsers(dest="command"))
-    return cmd_generate(parser.parse_args(["generate", *argv, "--quiet"]))
+    return cmd_generate(build_parser(["generate"]).parse_args(["generate", *argv, "--quiet"]))
 
 
 # ---------------------------------------------------------------- sample()

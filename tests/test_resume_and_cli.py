@@ -158,6 +158,18 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert "embedding-harmless" in listing and "harmless, helpful, summarize" in listing
 
 
+def test_python_m_openrlaif_help_loads_no_command_code() -> None:
+    """`python -m openrlaif --help` works and stays fast: no command group, no torch, is imported."""
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "openrlaif", "--help"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0 and "quickstart" in done.stdout and "report" in done.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if "|" in line}
+    assert "torch" not in imported and "openrlaif.cli.main" in imported
+    assert not {m for m in imported if m.startswith(("openrlaif.training", "openrlaif.cli.label"))}
+
+
 def test_align_with_a_local_causal_lm_judge(tiny_llama: Path, tmp_path: Path) -> None:
     """The `hf` backend through the CLI: a random tiny Llama is position-biased and near chance,
     and the report says so with numbers taken from both orders."""

@@ -1,12 +1,18 @@
 """Typed configs: YAML in, validated by pydantic, one-line errors out. No strings are evaluated.
 
-A judge config picks one of four backends with `backend:`; unknown keys are errors (a typo
-should never be silently ignored). Fields that change a judge's answers go into its cache key;
-fields that only change speed (batch size, concurrency, URLs, timeouts) do not.
+The shared pieces every config uses: `StrictModel` (unknown keys are errors: a typo should never
+be silently ignored), `format_validation_error` (a pydantic error as one line naming the file and
+the setting), and the `--set a.b=VALUE` overrides of the command line (`parse_set_overrides`,
+`apply_overrides`).
+
+A judge config picks one of four backends with `backend:`. Fields that change a judge's answers
+go into its cache key; fields that only change speed (batch size, concurrency, URLs, timeouts) do
+not.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -26,11 +32,81 @@ SPEED_ONLY_FIELDS = {
 }  # fmt: skip
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """The base of every config: an unknown key is an error, not silently ignored."""
+
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
-class DecodingConfig(_Strict):
+# ---------------------------------------------------------------- one-line errors
+
+# pydantic's error types for a discriminated union whose tag is missing or unknown
+_UNION_TAG_ERRORS = ("union_tag_invalid", "union_tag_not_found")
+
+
+def format_validation_error(source: str, err: ValidationError, drop: Collection[str] = ()) -> str:
+    """The first error as one line, `source: dotted.setting: message (and N more)`.
+
+    Leading location parts in `drop` are left out (a wrapper key, a union's tag such as a judge's
+    backend: names the user never wrote). A missing or unknown union tag is reported at the tag's
+    own setting (`backend: Input tag 'x' ...`); an error across settings has no setting name.
+    """
+    first = err.errors()[0]
+    parts = [str(p) for p in first["loc"]]
+    while parts and parts[0] in drop:
+        parts = parts[1:]
+    if first["type"] in _UNION_TAG_ERRORS:
+        parts.append(str(first.get("ctx", {}).get("discriminator", "")).strip("'"))
+    message = first["msg"].removeprefix("Value error, ")
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    where = ".".join(p for p in parts if p)
+    return f"{source}: {where + ': ' if where else ''}{message}{more}"
+
+
+# ---------------------------------------------------------------- --set overrides
+
+
+def parse_set_overrides(items: Sequence[str], example: str = "max_steps=100") -> dict[str, Any]:
+    """`--set a.b=VALUE` items as {dotted key: value}, VALUE read as YAML; a later item wins.
+
+    `example` is shown in the one-line error for a malformed item. Apply the result to a config's
+    settings with `apply_overrides`.
+    """
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or "" in key.split("."):
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set {example}")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML") from None
+        overrides.pop(key, None)  # re-inserted last: later items are applied later
+        overrides[key] = value
+    return overrides
+
+
+def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any]) -> None:
+    """Put each dotted key's value into the nested settings `data` (in place), creating missing
+    levels: `policies.rlaif.settings.beta` = 0.1 sets data["policies"]["rlaif"]["settings"]["beta"]."""
+    for dotted, value in overrides.items():
+        *parents, last = dotted.split(".")
+        node = data
+        for key in parents:
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {dotted}: {key!r} is not a mapping of settings")
+            node = child
+        node[last] = value
+
+
+# ---------------------------------------------------------------- judge configs
+
+
+class DecodingConfig(StrictModel):
     """Chain of thought and self-consistency, shared by the HF and HTTP judges."""
 
     cot: bool = False  # two steps: greedy rationale, then score the label tokens
@@ -83,7 +159,7 @@ class OpenAIJudgeConfig(DecodingConfig):
     backoff_max_s: float = Field(30.0, ge=0)
 
 
-class EmbeddingJudgeConfig(_Strict):
+class EmbeddingJudgeConfig(StrictModel):
     """A sentence-embedding rubric judge: cheap, offline, weak. See judges/embedding.py."""
 
     backend: Literal["embedding"] = "embedding"
@@ -98,7 +174,7 @@ class EmbeddingJudgeConfig(_Strict):
     device: str = "cpu"
 
 
-class EnsembleJudgeConfig(_Strict):
+class EnsembleJudgeConfig(StrictModel):
     """Averages the soft labels (and scores) of several judges."""
 
     backend: Literal["ensemble"] = "ensemble"
@@ -125,23 +201,11 @@ JudgeConfig = Annotated[
 ]
 
 
-class _JudgeFile(_Strict):
+class _JudgeFile(StrictModel):
     judge: JudgeConfig
 
 
 BACKENDS = ("hf", "openai", "embedding", "ensemble")
-
-
-def _format_validation_error(source: str, err: ValidationError, wrapper: str | None = None) -> str:
-    first = err.errors()[0]
-    parts = [str(p) for p in first["loc"]]
-    if wrapper and parts[:1] == [wrapper]:
-        parts = parts[1:]
-    if parts[:1] and parts[0] in BACKENDS:  # the union's tag, not a setting name
-        parts = parts[1:]
-    message = first["msg"].removeprefix("Value error, ")
-    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{source}: {'.'.join(parts) or 'backend'}: {message}{more}"
 
 
 def read_yaml(path: Path) -> Any:
@@ -166,14 +230,14 @@ def load_yaml_model(path: str | Path, model: type[M]) -> M:
     try:
         return model.model_validate(data if data is not None else {})
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(str(path), e)) from None
+        raise ConfigError(format_validation_error(str(path), e)) from None
 
 
 def judge_config_from_dict(data: Any, source: str = "<judge config>") -> JudgeConfig:
     try:
         return _JudgeFile.model_validate({"judge": data}).judge
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(source, e, wrapper="judge")) from None
+        raise ConfigError(format_validation_error(source, e, drop=("judge", *BACKENDS))) from None
 
 
 def builtin_judge_names() -> list[str]:
@@ -205,7 +269,7 @@ def load_judge_config(name_or_path: str) -> JudgeConfig:
         members = []
         for member in config.judges:
             members.append(load_judge_config(_relative(member, path)) if isinstance(member, str) else member)
-        config.judges = members
+        config.judges = members  # type: ignore[assignment]  # a member file may be an ensemble: build_judge nests it
     return config
 
 

@@ -1,4 +1,4 @@
-"""`openrlaif distill`: a teacher model writes demonstrations (prompt + completion) for SFT.
+"""Distillation (`openrlaif distill`): a teacher model writes demonstrations (prompt + completion) for SFT.
 
 Sharma et al. (arXiv 2402.12366) compare SFT on a strong teacher's completions with SFT on a weak
 teacher's completions followed by AI feedback. The teacher is any model that can generate: a
@@ -10,12 +10,18 @@ seeded, batched and resumable the same way); the result is rewritten as SFT rows
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
-from openrlaif.config import EmbeddingJudgeConfig, EnsembleJudgeConfig, HFJudgeConfig, OpenAIJudgeConfig
+from openrlaif.config import (
+    EmbeddingJudgeConfig,
+    EnsembleJudgeConfig,
+    HFJudgeConfig,
+    OpenAIJudgeConfig,
+    load_judge_config,
+)
 from openrlaif.data.io import read_jsonl_dicts, write_records
+from openrlaif.data.refs import materialize, prompt_rows
 from openrlaif.errors import ConfigError
 from openrlaif.generation import GenerateConfig, generate
 from openrlaif.inference.server import ServerConfig
@@ -27,8 +33,6 @@ def teacher_source(model: str | None, judge: str | None) -> dict[str, Any]:
         raise ConfigError("teacher: give exactly one of a model (path or id) or a judge config")
     if model is not None:
         return {"policy": model}
-    from openrlaif.config import load_judge_config
-
     config = load_judge_config(judge)  # type: ignore[arg-type]
     if isinstance(config, HFJudgeConfig):
         return {
@@ -55,8 +59,6 @@ def distill(
 ) -> Path:  # fmt: skip
     """Write `out` (.jsonl): one {id, prompt, completion, teacher} row per prompt with a non-empty
     response. The raw samples go to `<out>.samples.jsonl`, which a re-run resumes from."""
-    from openrlaif.data.refs import materialize, prompt_rows
-
     out = Path(out)
     samples = out.with_name(out.name.removesuffix(".jsonl") + ".samples.jsonl")
     if ":" in prompts and not Path(prompts).exists():  # a part of a built-in dataset: write it out
@@ -83,39 +85,3 @@ def distill(
         )
     write_records(out, rows)
     return out
-
-
-def add_distill_command(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "distill", help="a teacher model writes SFT demonstrations (prompt + completion)"
-    )
-    p.add_argument(
-        "--teacher", default=None, help="teacher model: folder or Hugging Face id (sampled in process)"
-    )
-    p.add_argument(
-        "--teacher-judge", default=None, help="... or a judge config (hf or openai) whose model writes"
-    )
-    p.add_argument(
-        "--prompts", required=True, help="prompts file (prompt + optional id) or a built-in dataset"
-    )
-    p.add_argument(
-        "--out", required=True, help="demonstrations (.jsonl: id, prompt, completion); re-running resumes"
-    )
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def cmd_distill(args: argparse.Namespace) -> int:
-    if not args.out.endswith(".jsonl"):
-        raise ConfigError(f"--out: must be a .jsonl file, got {args.out!r}")
-    source = teacher_source(args.teacher, args.teacher_judge)
-    out = distill(
-        source, args.prompts, args.out, args.temperature, args.max_new_tokens, args.limit, args.seed,
-        show_progress=not args.quiet,
-    )  # fmt: skip
-    n = len(read_jsonl_dicts(out))
-    print(f"distilled: {n} demonstrations -> {out} (train on them: openrlaif train sft --set data={out})")
-    return 0

@@ -54,6 +54,7 @@ from openrlaif.evaluation.winrate import (
     pair_outcome,
     win_rate,
 )
+from openrlaif.generation import GenerateConfig, generate
 from openrlaif.judges.base import Judge
 from openrlaif.labeling import label_pairs, score_responses
 
@@ -158,8 +159,7 @@ def prompts_from_responses(path: str | Path) -> list[PromptRecord]:
 def _sample_model(
     side: Side, prompts_file: Path, out_dir: Path, settings: EvalSettings, show_progress: bool
 ) -> Path:
-    from openrlaif.generation import GenerateConfig, generate
-    from openrlaif.judges.hf import local_weights_stamp
+    from openrlaif.judges.hf import local_weights_stamp  # why: start-up — judges.hf loads torch
 
     identity = {"model": side.spec, "weights": local_weights_stamp(side.spec), **settings.sampling()}
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -20,22 +20,25 @@ SFT demonstrations `distill:<teacher>` (the responses a teacher model wrote, `op
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from openrlaif.config import read_yaml, resolve_shipped_yaml
+from openrlaif.config import (
+    StrictModel,
+    apply_overrides,
+    format_validation_error,
+    read_yaml,
+    resolve_shipped_yaml,
+)
 from openrlaif.errors import ConfigError
 
 PACKAGED_EXPERIMENT_DIR = Path(__file__).resolve().parent.parent / "configs" / "experiments"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-
-class TeacherSpec(_Strict):
+class TeacherSpec(StrictModel):
     """A model that writes demonstrations (Sharma et al.'s strong/weak teachers)."""
 
     model: str | None = None  # an HF id or folder, sampled in process
@@ -54,7 +57,7 @@ class TeacherSpec(_Strict):
         return self
 
 
-class PolicySpec(_Strict):
+class PolicySpec(StrictModel):
     method: Literal["sft", "rl", "dpo"]
     init: str = "base"  # `base`, another policy's name, or a model path
     data: str | None = (
@@ -64,7 +67,7 @@ class PolicySpec(_Strict):
     settings: dict[str, Any] = Field(default_factory=dict)  # the trainer's config (SFTConfig, RLConfig, ...)
 
 
-class FeedbackSpec(_Strict):
+class FeedbackSpec(StrictModel):
     """AI feedback: candidates from `policy`, pairs labeled by the run's judge, a reward model."""
 
     policy: str = "sft"  # whose samples are labeled (a policy name, `base`, or a model path)
@@ -78,12 +81,12 @@ class FeedbackSpec(_Strict):
     reward_model: dict[str, Any] = Field(default_factory=dict)  # RewardConfig settings
 
 
-class AlignSpec(_Strict):
+class AlignSpec(StrictModel):
     dataset: str = "hh-harmless:eval"  # pairs with human labels
     limit: int | None = Field(None, ge=1)
 
 
-class EvalSpec(_Strict):
+class EvalSpec(StrictModel):
     compare: list[tuple[str, str]] = Field(default_factory=list)  # (a, b): P(a's response is better)
     prompts: str = "hh-harmless:eval"
     limit: int | None = Field(100, ge=1)
@@ -93,7 +96,7 @@ class EvalSpec(_Strict):
     harmless_threshold: float = 0.0  # a response is harmless when the judge scores it above this
 
 
-class PipelineConfig(_Strict):
+class PipelineConfig(StrictModel):
     name: str
     run_dir: str | None = None  # default: runs/<name>
     seed: int = 0
@@ -165,14 +168,14 @@ def resolve_experiment_path(name_or_path: str) -> Path:
     return resolve_shipped_yaml(name_or_path, PACKAGED_EXPERIMENT_DIR, "experiment")
 
 
-def load_pipeline_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    """Read and validate a pipeline YAML; `overrides` (dotted keys -> values) go on top."""
+def load_pipeline_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> PipelineConfig:
+    """Read and validate a pipeline YAML; `overrides` (dotted keys -> values, see
+    `openrlaif.config.parse_set_overrides`) go on top."""
     file = resolve_experiment_path(str(path))
     data = read_yaml(file)
     if not isinstance(data, dict):
         raise ConfigError(f"{file}: expected a mapping of settings, got {type(data).__name__}")
-    for dotted, value in (overrides or {}).items():
-        set_dotted(data, dotted, value)
+    apply_overrides(data, overrides or {})
     return pipeline_config_from_dict(data, str(file))
 
 
@@ -180,22 +183,4 @@ def pipeline_config_from_dict(data: dict[str, Any], source: str) -> PipelineConf
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        message = first["msg"].removeprefix("Value error, ")
-        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-        raise ConfigError(f"{source}: {where + ': ' if where else ''}{message}{more}") from None
-
-
-def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    """`policies.rlaif.settings.beta` = 0.1 into nested dicts, creating the missing levels."""
-    *parents, last = dotted.split(".")
-    node = data
-    for key in parents:
-        child = node.get(key)
-        if child is None:
-            child = node[key] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {dotted}: {key!r} is not a mapping of settings")
-        node = child
-    node[last] = value
+        raise ConfigError(format_validation_error(source, e)) from None

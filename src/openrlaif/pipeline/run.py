@@ -56,7 +56,7 @@ def _say(message: str, quiet: bool) -> None:
 
 
 def run_pipeline(config: PipelineConfig, show_progress: bool = True, quiet: bool = False) -> RunResult:
-    from openrlaif.training.common import quiet_transformers
+    from openrlaif.training.common import quiet_transformers  # why: start-up — it loads torch
 
     quiet_transformers()  # the stages show their own progress; not a bar per weight file loaded
     run_dir = config.resolved_run_dir()
@@ -122,7 +122,8 @@ def describe_plan(config: PipelineConfig) -> list[dict[str, Any]]:
     """The stages with their status against the manifest, for `openrlaif run --dry-run`."""
     run_dir = config.resolved_run_dir()
     manifest = Manifest(run_dir) if run_dir.exists() else None
-    rows, hashes = [], {}
+    rows: list[dict[str, Any]] = []
+    hashes: dict[str, str] = {}  # stage -> its output hash, as _run_stages would see it
     for stage in plan(config):
         record = manifest.stages.get(stage.name) if manifest else None
         inputs = {dep: hashes.get(dep, "") for dep in stage.deps}
@@ -130,7 +131,7 @@ def describe_plan(config: PipelineConfig) -> list[dict[str, Any]]:
         fresh = bool(
             record and record.status == "done" and record.fingerprint == fp and _outputs_exist(run_dir, stage)
         )
-        hashes[stage.name] = record.output_hash if fresh and record else "(changes)"
+        hashes[stage.name] = (record.output_hash or "") if fresh and record else "(changes)"
         status = "up to date" if fresh else "resume" if record and record.fingerprint == fp else "run"
         rows.append({"stage": stage.name, "status": status, "reads": stage.deps})
     return rows

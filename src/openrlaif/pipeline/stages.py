@@ -34,6 +34,7 @@ from openrlaif.data.refs import (
     prompt_rows,
 )
 from openrlaif.errors import ConfigError
+from openrlaif.labeling import measure_alignment
 from openrlaif.pipeline.config import PipelineConfig
 
 RESERVED_NAMES = {"base", "data", "eval", "rm", "report", "align"}
@@ -223,17 +224,15 @@ def align_stage(config: PipelineConfig) -> Stage:
     assert spec is not None
 
     def run(ctx: Context, resume: bool) -> dict[str, Any]:
-        from openrlaif.cli import run_align
-
         pairs = materialize(
             pair_rows(spec.dataset, spec.limit, "align.dataset"),
             ctx.run_dir / "data" / "align-pairs.jsonl",
             "align.dataset",
         )
-        metrics = run_align(
-            str(pairs), config.judge, ctx.run_dir / "align.json", ctx.run_dir / "align.labels.jsonl", seed=config.seed,
-            cache=str(ctx.cache_path), quiet=not ctx.show_progress,
-        )  # fmt: skip
+        metrics = measure_alignment(
+            str(pairs), config.judge, ctx.run_dir / "align.json", labels_out=ctx.run_dir / "align.labels.jsonl",
+            seed=config.seed, cache=str(ctx.cache_path), show_progress=ctx.show_progress,
+        ).metrics  # fmt: skip
         return {k: metrics[k] for k in ("pairs", "alignment", "same_position_preferred") if k in metrics}
 
     settings = {

@@ -38,7 +38,8 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from openrlaif.config import _format_validation_error, load_yaml_model, read_yaml, resolve_shipped_yaml
+from openrlaif.config import format_validation_error as _format_validation_error
+from openrlaif.config import load_yaml_model, read_yaml, resolve_shipped_yaml
 from openrlaif.data.io import disk_full_error, write_text_atomic
 from openrlaif.data.lock import one_writer
 from openrlaif.errors import ConfigError, DiskFullError, OpenRLAIFError

@@ -62,7 +62,7 @@ def _figure(width_in: float, height_in: float) -> Iterator[Any]:
     from matplotlib import rc_context
     from matplotlib.figure import Figure
 
-    with rc_context(STYLE):
+    with rc_context(STYLE):  # type: ignore[arg-type]  # the stubs list every rc key as a Literal
         yield Figure(figsize=(width_in, height_in), layout="constrained")
 
 

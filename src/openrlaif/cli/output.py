@@ -1,0 +1,16 @@
+"""What several commands print the same way."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def pct(x: float | None) -> str:
+    """0.625 -> "62.5%"; "n/a" for a missing (or NaN) number."""
+    return "n/a" if x is None or x != x else f"{100 * x:.1f}%"
+
+
+def print_server_stats(servers: list[tuple[str, dict[str, Any]]]) -> None:
+    """One line per HTTP server used: requests, retries, failures."""
+    for url, st in servers:
+        print(f"  {url}: {st['requests']} requests, {st['retries']} retries, {st['failures']} failures")
