@@ -21,7 +21,7 @@ from openrlaif.cli import build_parser
 from openrlaif.cli.generate import cmd_generate
 from openrlaif.data.io import read_pairs
 from openrlaif.data.records import PromptRecord
-from openrlaif.errors import ConfigError, InputError
+from openrlaif.errors import ConfigError, GenerationError, InputError
 from openrlaif.generation import (
     GenerateConfig,
     build_pairs,
@@ -29,7 +29,6 @@ from openrlaif.generation import (
     load_generate_config,
     to_messages,
 )
-from openrlaif.inference.errors import GenerationError
 from openrlaif.inference.local import eos_token_ids, finish_reason, sample, sampling_processors
 
 PROMPTS = [
@@ -350,3 +349,14 @@ def test_generate_is_a_cli_command(tiny_gpt2: Path, tmp_path: Path) -> None:
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(r["id"] for r in rows) == ["p1-0", "p1-1", "p1-2", "p2-0", "p2-1", "p2-2"]
     assert all(r["num_tokens"] <= 6 for r in rows)
+
+
+def test_generate_set_overrides_reach_nested_settings_and_bad_items_are_one_line(tmp_path):
+    config = load_generate_config(
+        "generate-tiny", {"out": str(tmp_path / "r.jsonl")}, {"temperature": 0.5, "num_responses": 3}
+    )
+    assert (config.temperature, config.num_responses) == (0.5, 3)
+    with pytest.raises(ConfigError, match=r"temperature: Input should be greater than or equal to 0"):
+        load_generate_config("generate-tiny", {"out": str(tmp_path / "r.jsonl")}, {"temperature": -1})
+    with pytest.raises(ConfigError, match=r"--set 'temperature': expected KEY=VALUE"):
+        run_cli("--config", "generate-tiny", "--out", str(tmp_path / "r.jsonl"), "--set", "temperature")

@@ -405,7 +405,7 @@ def test_rollouts_through_a_server_that_reloads_the_policy(
     from openai_server import LocalLM, OpenAITestServer
     from transformers import AutoModelForCausalLM
 
-    from openrlaif.inference.errors import GenerationError
+    from openrlaif.errors import GenerationError
 
     initial = weights_digest(AutoModelForCausalLM.from_pretrained(tiny_gpt2))
     with OpenAITestServer(LocalLM(tiny_gpt2, name="policy")) as server:

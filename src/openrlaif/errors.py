@@ -36,3 +36,7 @@ class DiskFullError(OpenRLAIFError):
             f"{path}: the disk is full (no space left on device); what was saved before is kept: "
             "free some space and run the same command again to go on from there"
         )
+
+
+class GenerationError(OpenRLAIFError):
+    """Sampling could not be done (a prompt too long for the model, an unreachable server, ...)."""

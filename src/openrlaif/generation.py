@@ -18,7 +18,7 @@ import itertools
 import random
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +26,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from openrlaif.config import read_yaml
+from openrlaif.config import apply_overrides, format_validation_error, read_yaml
 from openrlaif.data.datasets import BUILTIN_DATASETS, load_pairs
 from openrlaif.data.io import JsonlAppender, ReadResult, read_jsonl_dicts, read_prompts, write_records
 from openrlaif.data.records import PromptRecord
@@ -89,8 +89,11 @@ class GenerateConfig(BaseModel):
         return self.policy if self.policy is not None else self.server.model  # type: ignore[union-attr]
 
 
-def load_generate_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> GenerateConfig:
-    """A YAML file (a path, or the name of a shipped one) with `overrides` on top (CLI flags)."""
+def load_generate_config(
+    path: str | None = None, overrides: dict[str, Any] | None = None, sets: Mapping[str, Any] | None = None
+) -> GenerateConfig:
+    """A YAML file (a path, or the name of a shipped one) with the CLI's flags (`overrides`, None:
+    not given) and then its `--set a.b=VALUE` items (`sets`, from `config.parse_set_overrides`) on top."""
     data: dict[str, Any] = {}
     source = "command line"
     if path is not None:
@@ -102,14 +105,11 @@ def load_generate_config(path: str | None = None, overrides: dict[str, Any] | No
             raise ConfigError(f"{file}: expected a mapping of settings, got {type(loaded).__name__}")
         data, source = dict(loaded or {}), str(file)
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    apply_overrides(data, sets or {})
     try:
         return GenerateConfig.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])  # empty for a check across settings
-        message = first["msg"].removeprefix("Value error, ")
-        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-        raise ConfigError(f"{source}: {where + ': ' if where else ''}{message}{more}") from None
+        raise ConfigError(format_validation_error(source, e)) from None
 
 
 # ---------------------------------------------------------------- prompts

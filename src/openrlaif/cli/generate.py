@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from openrlaif.cli.output import print_server_stats
+from openrlaif.config import parse_set_overrides
 from openrlaif.generation import generate, load_generate_config
 
 # flags that override the config file's setting of the same name (None: not given)
@@ -29,12 +30,20 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="sequences per generate call (default: 16)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     p.add_argument("--skip-invalid", action="store_true", default=None, help="skip bad prompt rows")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config setting (VALUE is read as YAML), e.g. --set server.concurrency=4; repeatable",
+    )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_generate)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    config = load_generate_config(args.config, {name: getattr(args, name) for name in SETTING_FLAGS})
+    config = load_generate_config(
+        args.config,
+        {name: getattr(args, name) for name in SETTING_FLAGS},
+        parse_set_overrides(args.set, example="temperature=0.7"),
+    )
     result = generate(config, show_progress=not args.quiet)
     if result.skipped_invalid:
         print(f"skipped {len(result.skipped_invalid)} invalid row(s); first: {result.skipped_invalid[0]}")

@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal, NamedTuple
 
-from openrlaif.inference.errors import GenerationError
+from openrlaif.errors import GenerationError
 
 
 def sample_seed(seed: int, key: str, index: int) -> int:

@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Literal
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from openrlaif.inference.errors import GenerationError
+from openrlaif.errors import GenerationError
 from openrlaif.inference.http import OpenAIClient
 from openrlaif.inference.local import Sample, eos_token_ids, prepare_rows
 
