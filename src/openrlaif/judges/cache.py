@@ -44,10 +44,11 @@ def judgment_key(fingerprint: Mapping[str, Any], kind: str, texts: Sequence[str]
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
+_SQLITE_BUSY = 5  # sqlite3.SQLITE_BUSY, which Python has only from 3.11
+
+
 def _locked(error: sqlite3.OperationalError) -> bool:
-    return getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_BUSY or "database is locked" in str(
-        error
-    )
+    return getattr(error, "sqlite_errorcode", None) == _SQLITE_BUSY or "database is locked" in str(error)
 
 
 class JudgmentCache:

@@ -62,10 +62,10 @@ class EnsembleJudge(Judge):
         out = []
         for i in range(len(items)):
             judged = [results[i] for results in per_member]
-            expected = [j.expected for j in judged]
+            expected = [j.expected for j in judged if j.expected is not None]
             out.append(ScoreJudgment(
                 score=sum(w * j.score for w, j in zip(self.weights, judged, strict=True)),
-                expected=None if any(e is None for e in expected) else sum(w * e for w, e in zip(self.weights, expected, strict=True)),
+                expected=sum(w * e for w, e in zip(self.weights, expected, strict=True)) if len(expected) == len(judged) else None,
                 cached=all(j.cached for j in judged),
             ))  # fmt: skip
         return out
