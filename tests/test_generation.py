@@ -18,6 +18,7 @@ from transformers import (
     AutoTokenizer,
 )
 
+from openrlaif.data.chat import to_messages
 from openrlaif.data.io import read_pairs
 from openrlaif.data.records import PromptRecord
 from openrlaif.errors import ConfigError, InputError
@@ -33,7 +34,6 @@ from openrlaif.generation import (
     load_generate_config,
     sample,
     sampling_processors,
-    to_messages,
 )
 
 PROMPTS = [

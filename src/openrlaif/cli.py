@@ -322,7 +322,8 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from openrlaif.training import TRAINERS
-    from openrlaif.training.common import format_metrics, load_train_config, resolve_train_config_path
+    from openrlaif.training.config import load_train_config, resolve_train_config_path
+    from openrlaif.training.metrics import format_metrics
 
     config_class, train = TRAINERS[args.algorithm]
     config = load_train_config(resolve_train_config_path(args.config), config_class, args.set)

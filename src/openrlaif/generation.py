@@ -38,7 +38,6 @@ import hashlib
 import inspect
 import itertools
 import random
-import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -50,10 +49,12 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from openrlaif.config import read_yaml
+from openrlaif.data.chat import encode_prompt, to_messages, use_chat_template
 from openrlaif.data.io import JsonlAppender, ReadResult, read_jsonl_dicts, read_prompts, write_records
 from openrlaif.data.records import PromptRecord
 from openrlaif.errors import ConfigError, OpenRLAIFError
 from openrlaif.judges.openai_compat import OpenAIClient
+from openrlaif.models.loading import load_causal_lm, resolve_device, resolve_dtype
 
 PACKAGED_GENERATE_DIR = Path(__file__).parent / "configs" / "generate"
 
@@ -187,22 +188,6 @@ def load_generate_config(path: str | None = None, overrides: dict[str, Any] | No
 # ---------------------------------------------------------------- prompts and seeds
 
 
-_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
-
-
-def to_messages(prompt: str) -> list[dict[str, str]]:
-    """Chat messages for a prompt: an HH-RLHF dialogue ("\\n\\nHuman: ... \\n\\nAssistant:") becomes
-    its turns, so a chat model sees a real conversation; any other text is one user message."""
-    parts = _TURN.split(prompt)  # [before, role, text, role, text, ...]
-    roles = parts[1::2]
-    if len(roles) >= 2 and not parts[0].strip() and roles[-1] == "Assistant" and not parts[-1].strip():
-        names = {"Human": "user", "Assistant": "assistant"}
-        return [
-            {"role": names[r], "content": t.strip()} for r, t in zip(roles[:-1], parts[2:-2:2], strict=True)
-        ]
-    return [{"role": "user", "content": prompt.strip()}]
-
-
 def sample_seed(seed: int, key: str, index: int) -> int:
     """The seed of one sample: a hash of (seed, prompt key, sample index), below 2**31 so every
     server accepts it."""
@@ -259,20 +244,6 @@ def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
 
 def finish_reason(response_ids: Sequence[int], eos_ids: set[int]) -> str:
     return "stop" if response_ids and response_ids[-1] in eos_ids else "length"
-
-
-def use_chat_template(tokenizer: Any, chat_template: str) -> bool:
-    has_one = bool(getattr(tokenizer, "chat_template", None))
-    if chat_template == "on" and not has_one:
-        raise ConfigError("chat_template is 'on' but the policy's tokenizer has none; set it to auto or off")
-    return has_one and chat_template != "off"
-
-
-def encode_prompt(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
-    if chat:
-        text = tokenizer.apply_chat_template(to_messages(prompt), tokenize=False, add_generation_prompt=True)
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])  # the template has its own
-    return list(tokenizer(prompt)["input_ids"])
 
 
 def _max_positions(model: Any) -> int | None:
@@ -740,8 +711,6 @@ def _local_rows(
 ) -> Iterator[list[dict[str, Any]]]:
     if not todo:  # nothing missing: do not even load the model
         return
-    from openrlaif.judges.hf import load_causal_lm, resolve_device, resolve_dtype
-
     device = resolve_device(config.device)
     tokenizer, model = load_causal_lm(
         config.policy_name, device, resolve_dtype(config.dtype, device), config.revision,

@@ -37,10 +37,10 @@ from typing import Any, Literal
 
 from openrlaif.data.io import (
     RowError,
-    _row_id,
-    _text,
+    read_id,
     read_jsonl_dicts,
     read_records,
+    read_text,
     write_records,
     write_text_atomic,
 )
@@ -136,9 +136,9 @@ def _parse_response(row: dict[str, Any], line: int) -> _Response:
     index = row.get("sample_index", 0)
     if isinstance(index, bool) or not isinstance(index, int):
         raise RowError("field 'sample_index' must be an integer")
-    row_id = _row_id(row, line)
+    row_id = read_id(row, line)
     prompt_id = str(row["prompt_id"]) if row.get("prompt_id") is not None else row_id
-    return _Response(row_id, prompt_id, _text(row, "prompt"), response, index)
+    return _Response(row_id, prompt_id, read_text(row, "prompt"), response, index)
 
 
 def read_response_file(path: str | Path) -> dict[str, _Response]:

@@ -56,7 +56,7 @@ def _say(message: str, quiet: bool) -> None:
 
 
 def run_pipeline(config: PipelineConfig, show_progress: bool = True, quiet: bool = False) -> RunResult:
-    from openrlaif.training.common import quiet_transformers
+    from openrlaif.models.loading import quiet_transformers
 
     quiet_transformers()  # the stages show their own progress; not a bar per weight file loaded
     run_dir = config.resolved_run_dir()

@@ -123,23 +123,23 @@ def _train(
 
 
 def fitting_prompts(
-    rows: list[dict[str, Any]], model: str, max_new_tokens: int
-) -> tuple[list[dict[str, Any]], int]:
+    rows: list[dict[str, Any]], model: str, max_new_tokens: int, revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[list[dict[str, Any]], int]:  # fmt: skip
     """The prompts that leave room for `max_new_tokens` in the policy's context, and how many did
     not. Long HH dialogues exceed a small model's positions; they are left out (and counted in
     the stage's summary) rather than cut, because a dialogue cut from the left loses who said what."""
-    from transformers import AutoConfig, AutoTokenizer
+    from openrlaif.data.chat import encode_prompt, use_chat_template
+    from openrlaif.models.loading import load_model_config, load_tokenizer
 
-    from openrlaif.generation import encode_prompt, use_chat_template
-
-    config = AutoConfig.from_pretrained(model)
+    config = load_model_config(model, revision, trust_remote_code)
     limit = next(
         (getattr(config, k) for k in ("max_position_embeddings", "n_positions") if getattr(config, k, None)),
         None,
     )
     if limit is None:
         return rows, 0
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer = load_tokenizer(model, revision, trust_remote_code)
     chat = use_chat_template(tokenizer, "auto")
     kept = [r for r in rows if len(encode_prompt(tokenizer, r["prompt"], chat)) + max_new_tokens <= limit]
     if not kept:
@@ -420,11 +420,15 @@ def rl_stage(config: PipelineConfig, name: str) -> Stage:
         settings["judge"] = judge_settings(config.judge)
 
     def run(ctx: Context, resume: bool) -> dict[str, Any]:
-        from openrlaif.training import RLConfig
+        from openrlaif.training.rl import RLBaseConfig
 
-        max_new = spec.settings.get("max_new_tokens", RLConfig.model_fields["max_new_tokens"].default)
+        max_new = spec.settings.get("max_new_tokens", RLBaseConfig.model_fields["max_new_tokens"].default)
         rows, too_long = fitting_prompts(
-            prompt_rows(prompts, None, f"policies.{name}.data"), ctx.model_path(spec.init), max_new
+            prompt_rows(prompts, None, f"policies.{name}.data"),
+            ctx.model_path(spec.init),
+            max_new,
+            spec.settings.get("revision"),
+            spec.settings.get("trust_remote_code", False),
         )
         source = materialize(rows, ctx.run_dir / "data" / f"rl-{name}-prompts.jsonl", f"policies.{name}.data")
         if spec.reward == "reward_model":

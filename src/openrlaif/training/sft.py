@@ -27,39 +27,26 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from openrlaif.data.datasets import BUILTIN_DATASETS, load_pairs
-from openrlaif.data.io import RowError, _row_id, _text, read_records
-from openrlaif.errors import ConfigError
-from openrlaif.training.common import (
-    IGNORE_INDEX,
+from openrlaif.data.chat import (
     ChatTemplate,
-    ExampleIdLog,
-    MetricsLogger,
-    ShardedBatches,
-    Throughput,
-    TrainConfig,
-    TrainingError,
-    TrainResult,
-    check_finite,
     encode_prompt_completions,
     encoded_lengths,
-    eval_shard,
-    format_metrics,
-    load_checkpoint,
-    load_pretrained,
-    load_tokenizer,
-    make_optimizer,
-    make_scheduler,
-    one_writer_per_output_dir,
-    pad_right,
-    plan_steps,
     resolve_chat_template,
-    save_checkpoint,
-    save_model_folder,
-    sequence_logprobs,
-    simulate_kill,
-    start_run,
 )
+from openrlaif.data.datasets import BUILTIN_DATASETS, load_pairs
+from openrlaif.data.examples import SFTExample, parse_sft_row
+from openrlaif.data.io import read_records
+from openrlaif.errors import ConfigError
+from openrlaif.models.loading import load_pretrained, load_tokenizer
+from openrlaif.models.logprobs import IGNORE_INDEX, sequence_logprobs
+from openrlaif.training.batching import ShardedBatches, eval_shard, pad_right, plan_steps
+from openrlaif.training.checkpoint import load_checkpoint, save_checkpoint, save_model_folder
+from openrlaif.training.config import TrainConfig
+from openrlaif.training.errors import TrainingError, check_finite
+from openrlaif.training.metrics import ExampleIdLog, MetricsLogger, Throughput, format_metrics
+from openrlaif.training.optim import make_optimizer, make_scheduler
+from openrlaif.training.run import TrainResult, one_writer_per_output_dir, start_run
+from openrlaif.training.step import StepParts, finish_step
 
 
 class SFTConfig(TrainConfig):
@@ -78,22 +65,6 @@ class SFTConfig(TrainConfig):
 
 
 # ---------------------------------------------------------------- data
-
-
-@dataclass
-class SFTExample:
-    id: str
-    prompt: str
-    completion: str
-
-
-def parse_sft_row(row: dict[str, Any], line: int) -> SFTExample:
-    key = "completion" if "completion" in row else "response" if "response" in row else None
-    if key is None:
-        raise RowError(
-            "missing field 'completion' (SFT rows are 'prompt' + 'completion'; 'response' also works)"
-        )
-    return SFTExample(_row_id(row, line), _text(row, "prompt"), _text(row, key))
 
 
 def load_sft_examples(source: str, limit: int | None = None) -> list[SFTExample]:
@@ -200,7 +171,7 @@ def evaluate(
 @one_writer_per_output_dir
 def train_sft(config: SFTConfig, resume: bool = False, show_progress: bool = True) -> TrainResult:
     """Train; with `resume`, continue from the newest checkpoint in `output_dir` exactly."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # why: transformers is slow to import
 
     run = start_run(config, resume, load_sft_examples)
     accelerator, output_dir, checkpoint, source = run.accelerator, run.output_dir, run.checkpoint, run.source
@@ -245,6 +216,9 @@ def train_sft(config: SFTConfig, resume: bool = False, show_progress: bool = Tru
 
     last_checkpoint = checkpoint.path if checkpoint else None
     throughput = Throughput()
+    parts = StepParts(
+        accelerator, model, optimizer, scheduler, config, total_steps, logger, ids_log, throughput
+    )
     model.train()
     try:
         for step in range(start_step + 1, total_steps + 1):
@@ -268,25 +242,8 @@ def train_sft(config: SFTConfig, resume: bool = False, show_progress: bool = Tru
                 torch.stack([mean_loss, mean_loss.new_tensor(samples), mean_loss.new_tensor(tokens)]), "sum"
             )
             loss_value = totals[0].item() / accelerator.num_processes
-            check_finite(step, "loss", loss_value, last_checkpoint)  # before the optimizer can use it
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or math.inf)
-            check_finite(step, "gradient norm", grad_norm, last_checkpoint)
-            learning_rate = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            ids_log.write(step, ids)
-
-            metrics = {"train/loss": loss_value, "train/learning_rate": learning_rate}
-            if grad_norm is not None:
-                metrics["train/grad_norm"] = float(grad_norm)
-            metrics |= {
-                f"train/{k}": v for k, v in throughput.rates(totals[1].item(), totals[2].item()).items()
-            }
-            if step % config.log_every == 0 or step == total_steps:
-                logger.log(step, metrics)
-            logger.advance(step, f"loss {loss_value:.4f}")
-            simulate_kill(step)
+            finish_step(parts, step, loss_value, {"train/loss": loss_value}, totals[1].item(), totals[2].item(), ids,
+                        last_checkpoint, f"loss {loss_value:.4f}")  # fmt: skip
 
             if held_out and (step == total_steps or (config.eval_every and step % config.eval_every == 0)):
                 final_metrics = evaluate(model, held_out, tokenizer, config, accelerator, chat)
