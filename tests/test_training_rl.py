@@ -1,4 +1,4 @@
-"""RL (training/rl.py): advantages, baselines, clipping and KL shaping against hand-computed
+"""RL (training/rl/): advantages, baselines, clipping and KL shaping against hand-computed
 values; then learning evidence on CPU with a tiny random GPT-2 and a scripted judge.
 
 The scripted reward: +1 when a response starts with a vowel, -1 otherwise. A random policy

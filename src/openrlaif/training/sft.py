@@ -9,7 +9,7 @@ before training, every `eval_every` steps and at the end.
 
 Format (`chat_template`): with a tokenizer that has a chat template ("auto", the default, or "on")
 the prompt is rendered as the user turn(s) plus the generation prompt, token for token as
-`openrlaif generate` and the RL trainer encode it for sampling (`generation.encode_prompt`), and
+`openrlaif generate` and the RL trainer encode it for sampling (`data/chat.py`'s `encode_prompt`), and
 the completion follows as the assistant's reply; otherwise ("off", or no template) the prompt
 text, a space and the completion. Batches hold examples of similar length (`group_by_length`).
 
