@@ -63,16 +63,15 @@ from openrlaif.data.io import write_atomic
 from openrlaif.models.loading import load_pretrained, load_tokenizer
 from openrlaif.models.logprobs import IGNORE_INDEX, accepts_logits_to_keep, token_logprobs
 from openrlaif.models.names import resolve_model_path
-from openrlaif.training.batching import ShardedBatches, eval_shard, pad_right, plan_steps
-from openrlaif.training.checkpoint import load_checkpoint, save_checkpoint, save_model_folder
+from openrlaif.training.batching import ShardedBatches, eval_shard, pad_right
+from openrlaif.training.checkpoint import save_checkpoint, save_model_folder
 from openrlaif.training.config import TrainConfig
 from openrlaif.training.errors import check_finite
 from openrlaif.training.losses import dpo_loss
-from openrlaif.training.metrics import ExampleIdLog, MetricsLogger, Throughput, format_metrics
-from openrlaif.training.optim import make_optimizer, make_scheduler
+from openrlaif.training.metrics import Throughput, format_metrics
 from openrlaif.training.reward import agreement, load_preference_examples
 from openrlaif.training.run import TrainResult, one_writer_per_output_dir, start_run
-from openrlaif.training.step import StepParts, finish_step
+from openrlaif.training.step import finish_step, start_steps
 
 REF_FILE = "ref_logprobs.safetensors"
 
@@ -564,14 +563,11 @@ def train_dpo(config: DPOConfig, resume: bool = False, show_progress: bool = Tru
         len(train_set), config.batch_size, accelerator.num_processes, accelerator.process_index, config.seed,
         train_lengths if config.group_by_length else None,
     )  # fmt: skip
-    total_steps = plan_steps(config, loader, len(train_set), accelerator.num_processes)
-    optimizer = make_optimizer(model, config)
-    scheduler = make_scheduler(optimizer, config, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    start_step = load_checkpoint(checkpoint, accelerator, optimizer, scheduler, loader) if checkpoint else 0
-
-    logger = MetricsLogger(accelerator, output_dir, config, total_steps, start_step, "DPO", show_progress)
-    ids_log = ExampleIdLog(output_dir, accelerator.process_index, config.record_example_ids)
+    parts = start_steps(
+        config, accelerator, model, loader, len(train_set), output_dir, checkpoint, "DPO", show_progress
+    )
+    model, optimizer, scheduler, logger = parts.model, parts.optimizer, parts.scheduler, parts.logger
+    total_steps, start_step = parts.total_steps, parts.start_step
     global_batch = config.batch_size * config.grad_accum_steps * accelerator.num_processes
     layout = "prompt shared: one packed row per pair" if packed else "chosen and rejected as separate rows"
     logger.print(
@@ -592,10 +588,7 @@ def train_dpo(config: DPOConfig, resume: bool = False, show_progress: bool = Tru
         logger.print(f"step 0 (before training): {format_metrics(first_metrics)}")
 
     last_checkpoint = checkpoint.path if checkpoint else None
-    throughput = Throughput()
-    parts = StepParts(
-        accelerator, model, optimizer, scheduler, config, total_steps, logger, ids_log, throughput
-    )
+    throughput = parts.throughput = Throughput()  # training time starts here, after the first evaluation
     model.train()
     try:
         for step in range(start_step + 1, total_steps + 1):

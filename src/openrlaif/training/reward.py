@@ -52,15 +52,14 @@ from openrlaif.data.io import read_records
 from openrlaif.errors import ConfigError
 from openrlaif.models.heads import ValueHeadModel
 from openrlaif.models.loading import load_model_config, load_pretrained, load_tokenizer, quiet_transformers
-from openrlaif.training.batching import ShardedBatches, eval_shard, pad_right, plan_steps
-from openrlaif.training.checkpoint import load_checkpoint, save_checkpoint, save_model_folder
+from openrlaif.training.batching import ShardedBatches, eval_shard, pad_right
+from openrlaif.training.checkpoint import save_checkpoint, save_model_folder
 from openrlaif.training.config import TrainConfig
 from openrlaif.training.errors import TrainingError, check_finite
 from openrlaif.training.losses import soft_label_loss
-from openrlaif.training.metrics import ExampleIdLog, MetricsLogger, Throughput, format_metrics
-from openrlaif.training.optim import make_optimizer, make_scheduler
+from openrlaif.training.metrics import Throughput, format_metrics
 from openrlaif.training.run import TrainResult, one_writer_per_output_dir, start_run
-from openrlaif.training.step import StepParts, finish_step
+from openrlaif.training.step import finish_step, start_steps
 
 ModelType = Literal["sequence_classification", "causal_lm_value_head"]
 METADATA_FILE = "openrlaif_reward.json"  # how to load the folder: model type, max length
@@ -302,16 +301,19 @@ def train_reward_model(config: RewardConfig, resume: bool = False, show_progress
         config.seed,
         lengths,
     )
-    total_steps = plan_steps(config, loader, len(train_set), accelerator.num_processes)
-    optimizer = make_optimizer(model, config)
-    scheduler = make_scheduler(optimizer, config, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    start_step = load_checkpoint(checkpoint, accelerator, optimizer, scheduler, loader) if checkpoint else 0
-
-    logger = MetricsLogger(
-        accelerator, output_dir, config, total_steps, start_step, "reward model", show_progress
+    parts = start_steps(
+        config,
+        accelerator,
+        model,
+        loader,
+        len(train_set),
+        output_dir,
+        checkpoint,
+        "reward model",
+        show_progress,
     )
-    ids_log = ExampleIdLog(output_dir, accelerator.process_index, config.record_example_ids)
+    model, optimizer, scheduler, logger = parts.model, parts.optimizer, parts.scheduler, parts.logger
+    total_steps, start_step = parts.total_steps, parts.start_step
     global_batch = config.batch_size * config.grad_accum_steps * accelerator.num_processes
     logger.print(
         f"Reward model ({config.model_type}): {len(train_set)} training / {len(held_out)} held-out pairs"
@@ -327,10 +329,7 @@ def train_reward_model(config: RewardConfig, resume: bool = False, show_progress
         logger.print(f"step 0 (before training): {format_metrics(first_metrics)}")
 
     last_checkpoint = checkpoint.path if checkpoint else None
-    throughput = Throughput()
-    parts = StepParts(
-        accelerator, model, optimizer, scheduler, config, total_steps, logger, ids_log, throughput
-    )
+    throughput = parts.throughput = Throughput()  # training time starts here, after the first evaluation
     model.train()
     try:
         for step in range(start_step + 1, total_steps + 1):

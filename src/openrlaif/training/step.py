@@ -2,6 +2,8 @@
 
 - `optimizer_step`: the loss must be finite, the gradient norm is clipped (and must be finite),
   the optimizer steps and the gradients are cleared (SFT, reward model, DPO and RL).
+- `start_steps`: what the supervised trainers' loops step with (the step count, AdamW and its
+  schedule, the model prepared by accelerate, the resumed state, the logs);
 - `finish_step`: the supervised trainers' whole epilogue after the backward passes: the optimizer
   step, the schedule, the example ids, the metric row and the progress bar.
 
@@ -13,15 +15,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from openrlaif.training.batching import ShardedBatches, plan_steps
+from openrlaif.training.checkpoint import Checkpoint, load_checkpoint
 from openrlaif.training.config import TrainConfig
 from openrlaif.training.errors import check_finite
 from openrlaif.training.metrics import ExampleIdLog, MetricsLogger, Throughput
+from openrlaif.training.optim import make_optimizer, make_scheduler
 from openrlaif.training.run import simulate_kill
 
 
@@ -41,7 +46,7 @@ def optimizer_step(
 
 @dataclass
 class StepParts:
-    """What `finish_step` works with, made once before a supervised trainer's loop."""
+    """What `finish_step` works with, made once before a supervised trainer's loop (`start_steps`)."""
 
     accelerator: Any
     model: torch.nn.Module  # the trained (possibly DDP-wrapped) model
@@ -49,9 +54,28 @@ class StepParts:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     config: TrainConfig
     total_steps: int
+    start_step: int  # the step a resumed run continues after (0: a new run)
     logger: MetricsLogger
     ids_log: ExampleIdLog
-    throughput: Throughput
+    throughput: Throughput = field(default_factory=Throughput)  # restarted where training time starts
+
+
+def start_steps(
+    config: TrainConfig, accelerator: Any, model: torch.nn.Module, loader: ShardedBatches, n_train: int,
+    output_dir: Path, checkpoint: Checkpoint | None, title: str, show_progress: bool,
+) -> StepParts:  # fmt: skip
+    """The step count, AdamW and its schedule, the model and optimizer prepared by accelerate
+    (`parts.model` is the one to train), the state of `checkpoint` restored, and the logs."""
+    total_steps = plan_steps(config, loader, n_train, accelerator.num_processes)
+    optimizer = make_optimizer(model, config)
+    scheduler = make_scheduler(optimizer, config, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    start_step = load_checkpoint(checkpoint, accelerator, optimizer, scheduler, loader) if checkpoint else 0
+    logger = MetricsLogger(accelerator, output_dir, config, total_steps, start_step, title, show_progress)
+    ids_log = ExampleIdLog(output_dir, accelerator.process_index, config.record_example_ids)
+    return StepParts(
+        accelerator, model, optimizer, scheduler, config, total_steps, start_step, logger, ids_log
+    )
 
 
 def finish_step(
