@@ -63,6 +63,7 @@ from openrlaif.data.datasets import load_pairs  # noqa: E402
 from openrlaif.data.io import write_records  # noqa: E402
 from openrlaif.models.tiny import build_tiny_causal_lm  # noqa: E402
 from openrlaif.training import dpo  # noqa: E402
+from openrlaif.training import step as step_end_module  # noqa: E402
 from openrlaif.training.dpo import DPOConfig  # noqa: E402
 
 
@@ -113,17 +114,17 @@ def run_ours(model: Path, data: Path, out: Path, args: argparse.Namespace, run: 
             precompute += time.perf_counter() - started
 
     clock = StepClock()
-    kill_hook = dpo.simulate_kill  # called once per step, right after the optimizer step
+    kill_hook = step_end_module.simulate_kill  # called once per step, right after the optimizer step
 
     def step_end(step: int) -> None:
         clock.tick()
         kill_hook(step)
 
-    dpo.compute_reference_logprobs, dpo.simulate_kill = timed, step_end
+    dpo.compute_reference_logprobs, step_end_module.simulate_kill = timed, step_end
     try:
         dpo.train_dpo(config, show_progress=False)
     finally:
-        dpo.compute_reference_logprobs, dpo.simulate_kill = original, kill_hook
+        dpo.compute_reference_logprobs, step_end_module.simulate_kill = original, kill_hook
     per_epoch = args.pairs // args.batch_size  # steps; the warm-up is the first epoch
     return precompute, *clock.rates(per_epoch, args.batch_size)
 

@@ -41,8 +41,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from openrlaif.data.chat import completion_text  # noqa: E402
 from openrlaif.data.datasets import BUILTIN_DIR, HH_HARMLESS_TRAIN_LINES, hh_harmless_split  # noqa: E402
-from openrlaif.training.common import completion_text  # noqa: E402
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"

@@ -19,8 +19,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from openrlaif.training import TRAINERS, rl
-from openrlaif.training.common import load_train_config, save_model_folder, weights_digest
+from openrlaif.training import TRAINERS
+from openrlaif.training.checkpoint import save_model_folder, weights_digest
+from openrlaif.training.config import load_train_config
+from openrlaif.training.rl import loop as rl
 
 
 def main(jobs: list[str]) -> None:

@@ -95,7 +95,7 @@ class LocalLM:
 
     def load_weights(self, model_dir: str | Path) -> str:
         """Replace the served weights by those of `model_dir` (same architecture); returns their digest."""
-        from openrlaif.training.common import weights_digest
+        from openrlaif.training.checkpoint import weights_digest
 
         new = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         with self.lock:

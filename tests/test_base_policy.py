@@ -9,10 +9,11 @@ from typing import Any
 import pytest
 import torch
 
+from openrlaif.data.chat import completion_text
 from openrlaif.data.datasets import HH_HARMLESS_TRAIN_LINES, hh_harmless_split
 from openrlaif.errors import ConfigError
+from openrlaif.models.loading import load_pretrained, load_tokenizer
 from openrlaif.models.names import resolve_model_path
-from openrlaif.training.common import completion_text, load_pretrained, load_tokenizer
 
 NAME = "builtin:hh-tiny-gpt"
 

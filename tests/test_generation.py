@@ -19,6 +19,7 @@ from transformers import (
 
 from openrlaif.cli import build_parser
 from openrlaif.cli.generate import cmd_generate
+from openrlaif.data.chat import to_messages
 from openrlaif.data.io import read_pairs
 from openrlaif.data.records import PromptRecord
 from openrlaif.errors import ConfigError, GenerationError, InputError
@@ -27,7 +28,6 @@ from openrlaif.generation import (
     build_pairs,
     generate,
     load_generate_config,
-    to_messages,
 )
 from openrlaif.inference.local import eos_token_ids, finish_reason, sample, sampling_processors
 

@@ -23,9 +23,10 @@ from openrlaif.errors import ConfigError, JudgeError
 from openrlaif.judges import build_judge, hf
 from openrlaif.judges.base import OrderedPair
 from openrlaif.judges.cache import JudgmentCache, judgment_key
-from openrlaif.judges.hf import HFJudge, local_weights_stamp
+from openrlaif.judges.hf import HFJudge
 from openrlaif.judges.prompts import load_template_set
 from openrlaif.judges.tokens import encode_continuation
+from openrlaif.models.loading import local_weights_stamp
 
 ARCHS = ["gpt2", "llama"]
 

@@ -61,7 +61,7 @@ def _manifest(run_dir: Path) -> dict[str, Any]:
 def _digest(folder: Path) -> str:
     from transformers import AutoModelForCausalLM
 
-    from openrlaif.training.common import weights_digest
+    from openrlaif.training.checkpoint import weights_digest
 
     return weights_digest(AutoModelForCausalLM.from_pretrained(folder))
 

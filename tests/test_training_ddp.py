@@ -19,7 +19,7 @@ import pytest
 import yaml
 from training_toys import preference_rows, sft_rows, write
 
-from openrlaif.training.common import weights_digest
+from openrlaif.training.checkpoint import weights_digest
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 ACCELERATE = Path(sys.executable).with_name("accelerate")
@@ -108,7 +108,7 @@ def test_two_processes_see_different_data_and_end_with_identical_weights(
             saved = AutoModelForCausalLM.from_pretrained(out / "model")
             initial = AutoModelForCausalLM.from_pretrained(settings["model"])
         else:
-            from openrlaif.training.reward import ValueHeadModel
+            from openrlaif.models.heads import ValueHeadModel
 
             saved = ValueHeadModel.from_pretrained(str(out / "model"))
             initial = ValueHeadModel.from_pretrained(settings["model"])  # the body as it started
@@ -125,9 +125,9 @@ def test_rl_reinforce_on_two_processes_shards_prompts_and_keeps_policy_and_value
     import torch
     from transformers import AutoModelForCausalLM
 
-    from openrlaif.training.common import load_tokenizer
-    from openrlaif.training.reward import METADATA_FILE, ValueHeadModel
-    from openrlaif.training.rl import TokenValueModel
+    from openrlaif.models.heads import TokenValueModel, ValueHeadModel
+    from openrlaif.models.loading import load_tokenizer
+    from openrlaif.training.reward import METADATA_FILE
 
     prompts = write(
         tmp_path / "prompts.jsonl", [{"id": r["id"], "prompt": r["prompt"]} for r in sft_rows(32)]

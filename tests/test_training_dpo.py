@@ -18,16 +18,14 @@ import torch
 import yaml
 from training_toys import MARKER, preference_rows, write
 
+from openrlaif.data.examples import PreferenceExample
 from openrlaif.errors import ConfigError, OpenRLAIFError
-from openrlaif.training.common import (
-    TrainingError,
-    latest_checkpoint,
-    load_train_config,
-    resolve_train_config_path,
-    sequence_logprobs,
-)
+from openrlaif.models.logprobs import sequence_logprobs
+from openrlaif.training.checkpoint import latest_checkpoint
+from openrlaif.training.config import load_train_config, resolve_train_config_path
 from openrlaif.training.dpo import REF_FILE, DPOConfig, collate, dpo_loss, train_dpo
-from openrlaif.training.reward import PreferenceExample, load_preference_examples
+from openrlaif.training.errors import TrainingError
+from openrlaif.training.reward import load_preference_examples
 
 # ---------------------------------------------------------------- the loss math
 
@@ -145,7 +143,7 @@ def test_dpo_learns_the_rule_near_the_reference_with_precomputed_reference_logpr
     with safe_open(str(tmp_path / "dpo" / REF_FILE), framework="pt") as fh:
         stored_train, stored_held = fh.get_tensor("train"), fh.get_tensor("held_out")
         assert len(fh.metadata()["data_hash"]) == 64
-    from openrlaif.training.common import split_held_out
+    from openrlaif.training.batching import split_held_out
 
     train_set, held_out = split_held_out(load_preference_examples(str(pref_data)), config)
     assert stored_train.shape == (len(train_set), 2) and stored_held.shape == (len(held_out), 2)
@@ -323,7 +321,7 @@ def test_pairs_share_their_prompt_tokens_and_auto_packs_only_models_that_give_th
 ) -> None:
     from transformers import AutoModelForCausalLM
 
-    from openrlaif.training.common import load_tokenizer
+    from openrlaif.models.loading import load_tokenizer
     from openrlaif.training.dpo import PROMPT, packing_matches, resolve_share_prompt, response_logprobs
 
     tokenizer = load_tokenizer(str(tiny_gpt2))

@@ -1,4 +1,4 @@
-"""RL (training/rl.py): advantages, baselines, clipping and KL shaping against hand-computed
+"""RL (training/rl/): advantages, baselines, clipping and KL shaping against hand-computed
 values; then learning evidence on CPU with a tiny random GPT-2 and a scripted judge.
 
 The scripted reward: +1 when a response starts with a vowel, -1 otherwise. A random policy
@@ -24,26 +24,17 @@ from training_toys import WORDS, sft_rows, write
 
 from openrlaif.errors import ConfigError, JudgeError
 from openrlaif.judges.base import OrderedPair, OrderJudgment, ScoreJudgment
-from openrlaif.training.common import (
-    TrainingError,
-    load_train_config,
-    resolve_train_config_path,
-    weights_digest,
-)
-from openrlaif.training.rl import (
-    RLConfig,
-    best_worst_pairs,
-    dpo_loss,
-    gae,
-    pairwise_win_rates,
-    ppo_policy_loss,
-    returns_to_go,
-    rloo_advantages,
-    shaped_rewards,
-    standardized,
-    train_rl,
-    value_loss,
-)
+from openrlaif.training.checkpoint import weights_digest
+from openrlaif.training.config import load_train_config, resolve_train_config_path
+from openrlaif.training.errors import TrainingError
+from openrlaif.training.rl import RLConfig, train_rl
+from openrlaif.training.rl.losses import value_loss
+from openrlaif.training.rl.online_dpo import best_worst_pairs
+from openrlaif.training.rl.online_dpo import online_dpo_loss as dpo_loss
+from openrlaif.training.rl.ppo import gae, ppo_policy_loss
+from openrlaif.training.rl.reinforce import returns_to_go
+from openrlaif.training.rl.rewards import pairwise_win_rates, shaped_rewards, standardized
+from openrlaif.training.rl.rloo import rloo_advantages
 
 # ---------------------------------------------------------------- hand-computed values
 
@@ -155,8 +146,8 @@ def test_shared_prompt_training_pass_gives_the_gradients_of_the_full_pass(
     from transformers import AutoModelForCausalLM
 
     from openrlaif.inference.local import sample
-    from openrlaif.training.common import load_pretrained, load_tokenizer
-    from openrlaif.training.rl import build_sequences, response_logprobs
+    from openrlaif.models.loading import load_pretrained, load_tokenizer
+    from openrlaif.training.rl.rollout import build_sequences, response_logprobs
 
     path = str(request.getfixturevalue(arch))
     tokenizer = load_tokenizer(path)
@@ -183,7 +174,7 @@ def test_fused_gelu_computes_gpt2s_activation(tiny_gpt2: Path) -> None:
     """`fused_activations` swaps GPT-2's gelu_new for the fused tanh-GELU: the same function."""
     from transformers import AutoModelForCausalLM
 
-    from openrlaif.training.rl import fuse_activations
+    from openrlaif.training.rl.rollout import fuse_activations
 
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
     ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -288,7 +279,7 @@ def test_pairwise_judge_reward_raises_the_rate_the_judge_prefers(
     tiny_gpt2: Path, prompts: Path, tmp_path: Path
 ) -> None:
     from openrlaif.inference.local import sample
-    from openrlaif.training.common import load_pretrained, load_tokenizer
+    from openrlaif.models.loading import load_pretrained, load_tokenizer
 
     config = rl_config(tiny_gpt2, prompts, tmp_path / "pairwise", algorithm="rloo",
                        reward={"type": "judge_pairwise", "judge": "scripted"})  # fmt: skip
@@ -453,8 +444,9 @@ def test_rollouts_through_a_server_that_reloads_the_policy(
 def test_reward_model_source_scores_with_its_own_tokenizer(
     tiny_gpt2: Path, tiny_llama: Path, prompts: Path, tmp_path: Path
 ) -> None:
-    from openrlaif.training.common import load_tokenizer
-    from openrlaif.training.reward import METADATA_FILE, RewardModel, ValueHeadModel
+    from openrlaif.models.heads import ValueHeadModel
+    from openrlaif.models.loading import load_tokenizer
+    from openrlaif.training.reward import METADATA_FILE, RewardModel
 
     rm_dir = tmp_path / "rm"  # an untrained value-head reward model on the Llama tokenizer
     torch.manual_seed(0)
@@ -501,3 +493,30 @@ def test_config_errors_and_the_shipped_config(tiny_gpt2: Path, prompts: Path, tm
     shipped = load_train_config(resolve_train_config_path("rl-tiny"), RLConfig)
     assert (shipped.algorithm, shipped.beta, shipped.temperature) == ("reinforce", 0.05, 0.9)
     assert shipped.reward.type == "judge_score"
+
+
+def test_a_setting_of_another_algorithm_is_a_one_line_error(
+    tiny_gpt2: Path, prompts: Path, tmp_path: Path
+) -> None:
+    """Each algorithm's config holds only its own settings: PPO's `gamma` under `reinforce` (the
+    default when `algorithm` is absent) is refused, naming the setting and both algorithms."""
+    with pytest.raises(
+        ValueError, match="gamma\n  a setting of algorithm ppo; algorithm reinforce does not use it"
+    ):
+        rl_config(tiny_gpt2, prompts, tmp_path, gamma=0.9)
+    shipped = resolve_train_config_path("rl-tiny")  # algorithm: reinforce
+    for overrides, expected in (
+        (["clip_range=0.1"], "clip_range: a setting of algorithm ppo; algorithm reinforce does not use it"),
+        (["algorithm=rloo", "dpo_beta=0.2"], "dpo_beta: a setting of algorithm online_dpo; algorithm rloo does not use it"),
+        (["algorithm=rloo", "value_loss_coef=1"],
+         "value_loss_coef: a setting of algorithms reinforce and ppo; algorithm rloo does not use it"),
+        (["algorithm=a2c"], "algorithm: Input should be 'reinforce', 'rloo', 'ppo' or 'online_dpo'"),
+    ):  # fmt: skip
+        with pytest.raises(ConfigError) as info:
+            load_train_config(shipped, RLConfig, overrides)
+        assert str(info.value) == f"{shipped} (with --set): {expected}"
+    ppo = load_train_config(shipped, RLConfig, ["algorithm=ppo", "gamma=0.9"])
+    assert (type(ppo).__name__, ppo.gamma, ppo.beta) == ("PPOConfig", 0.9, 0.05)
+    bare = tmp_path / "bare.yaml"  # no `algorithm`: reinforce
+    bare.write_text(f"model: {tiny_gpt2}\noutput_dir: {tmp_path}\nreward: {{type: judge_score, judge: x}}\n")
+    assert load_train_config(bare, RLConfig).algorithm == "reinforce"

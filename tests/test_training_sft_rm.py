@@ -19,17 +19,14 @@ import yaml
 from training_toys import MARKER, preference_rows, sft_rows, write
 
 from openrlaif.cli import main
+from openrlaif.data.chat import encode_prompt_completions
+from openrlaif.models.logprobs import sequence_logprobs
 from openrlaif.training import RewardConfig, RewardModel, SFTConfig, train_reward_model, train_sft
-from openrlaif.training.common import (
-    PACKAGED_TRAIN_DIR,
-    ShardedBatches,
-    encode_prompt_completions,
-    latest_checkpoint,
-    load_state_files,
-    save_state_files,
-    sequence_logprobs,
-)
-from openrlaif.training.reward import metrics_from_sums, preference_sums, soft_label_loss
+from openrlaif.training.batching import ShardedBatches
+from openrlaif.training.checkpoint import latest_checkpoint, load_state_files, save_state_files
+from openrlaif.training.config import PACKAGED_TRAIN_DIR
+from openrlaif.training.losses import soft_label_loss
+from openrlaif.training.reward import metrics_from_sums, preference_sums
 from openrlaif.training.sft import collate, sft_loss
 
 # ---------------------------------------------------------------- the loss math
@@ -90,7 +87,7 @@ def test_sft_loss_is_hf_completion_only_loss_and_sequence_logprobs_ignore_paddin
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
-    from openrlaif.training.sft import SFTExample
+    from openrlaif.data.examples import SFTExample
 
     examples = [SFTExample(f"e{i}", r["prompt"], r["completion"]) for i, r in enumerate(sft_rows(3))]
     examples.append(
@@ -192,12 +189,12 @@ def test_length_grouped_batches_keep_the_epoch_cut_padding_and_resume_mid_epoch(
 def test_chat_template_prompts_are_encoded_as_generation_encodes_them_and_only_completions_carry_loss(
     tiny_llama: Path, tiny_gpt2: Path
 ) -> None:
+    from openrlaif.data.chat import encode_prompt, resolve_chat_template
+    from openrlaif.data.examples import PreferenceExample, SFTExample
     from openrlaif.errors import ConfigError
-    from openrlaif.generation import encode_prompt
-    from openrlaif.training.common import load_tokenizer, resolve_chat_template
+    from openrlaif.models.loading import load_tokenizer
     from openrlaif.training.dpo import collate as dpo_collate
-    from openrlaif.training.reward import PreferenceExample, encode_texts
-    from openrlaif.training.sft import SFTExample
+    from openrlaif.training.reward import encode_texts
 
     tokenizer = load_tokenizer(str(tiny_llama))  # pad = eos, as in training
     assert resolve_chat_template(tokenizer, "auto", "m") and not resolve_chat_template(tokenizer, "off", "m")
@@ -491,7 +488,7 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_the_run_resumes(
 ) -> None:  # fmt: skip
     import errno
 
-    from openrlaif.training import common
+    from openrlaif.training import checkpoint as common
 
     out = tmp_path / "sft"
     config = _run_config(

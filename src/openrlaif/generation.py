@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import random
-import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,12 +26,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from openrlaif.config import apply_overrides, format_validation_error, read_yaml
-from openrlaif.data.datasets import BUILTIN_DATASETS, load_pairs
-from openrlaif.data.io import JsonlAppender, ReadResult, read_jsonl_dicts, read_prompts, write_records
+from openrlaif.data.datasets import load_prompts
+from openrlaif.data.io import JsonlAppender, read_jsonl_dicts, write_records
 from openrlaif.data.records import PromptRecord
 from openrlaif.errors import ConfigError
 from openrlaif.inference.local import eos_token_ids, finish_reason, iter_samples, prepare_rows, sample_seed
 from openrlaif.inference.server import ServerConfig, ServerSampler
+from openrlaif.models.loading import load_causal_lm, resolve_device, resolve_dtype
 
 PACKAGED_GENERATE_DIR = Path(__file__).parent / "configs" / "generate"
 
@@ -113,55 +113,6 @@ def load_generate_config(
 
 
 # ---------------------------------------------------------------- prompts
-
-
-_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
-
-
-def to_messages(prompt: str) -> list[dict[str, str]]:
-    """Chat messages for a prompt: an HH-RLHF dialogue ("\\n\\nHuman: ... \\n\\nAssistant:") becomes
-    its turns, so a chat model sees a real conversation; any other text is one user message."""
-    parts = _TURN.split(prompt)  # [before, role, text, role, text, ...]
-    roles = parts[1::2]
-    if len(roles) >= 2 and not parts[0].strip() and roles[-1] == "Assistant" and not parts[-1].strip():
-        names = {"Human": "user", "Assistant": "assistant"}
-        return [
-            {"role": names[r], "content": t.strip()} for r, t in zip(roles[:-1], parts[2:-2:2], strict=True)
-        ]
-    return [{"role": "user", "content": prompt.strip()}]
-
-
-def load_prompts(
-    source: str, skip_invalid: bool = False, limit: int | None = None
-) -> ReadResult[PromptRecord]:
-    """A prompts file, or a built-in dataset's prompts (ids like "hh-harmless-12")."""
-    if source in BUILTIN_DATASETS:
-        # The few source rows the loader leaves out are a documented property of the shipped
-        # file, not invalid input of the user's, so they are not reported as skipped.
-        pairs = load_pairs(source)
-        result = ReadResult([PromptRecord(p.id, p.prompt) for p in pairs.records])
-    elif Path(source).exists():
-        result = read_prompts(source, skip_invalid=skip_invalid)
-    else:
-        names = ", ".join(sorted(BUILTIN_DATASETS))
-        raise ConfigError(f"prompts: {source!r} is neither a file nor a built-in dataset ({names})")
-    if limit is not None:
-        result.records = result.records[:limit]
-    return result
-
-
-def use_chat_template(tokenizer: Any, chat_template: str) -> bool:
-    has_one = bool(getattr(tokenizer, "chat_template", None))
-    if chat_template == "on" and not has_one:
-        raise ConfigError("chat_template is 'on' but the policy's tokenizer has none; set it to auto or off")
-    return has_one and chat_template != "off"
-
-
-def encode_prompt(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
-    if chat:
-        text = tokenizer.apply_chat_template(to_messages(prompt), tokenize=False, add_generation_prompt=True)
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])  # the template has its own
-    return list(tokenizer(prompt)["input_ids"])
 
 
 # ---------------------------------------------------------------- the job
@@ -258,8 +209,6 @@ def _local_rows(
 ) -> Iterator[list[dict[str, Any]]]:
     if not todo:  # nothing missing: do not even load the model
         return
-    from openrlaif.judges.hf import load_causal_lm, resolve_device, resolve_dtype
-
     device = resolve_device(config.device)
     tokenizer, model = load_causal_lm(
         config.policy_name, device, resolve_dtype(config.dtype, device), config.revision,

@@ -40,7 +40,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     # why: start-up — the trainers load torch, which `openrlaif train --help` does not need
     from openrlaif.training import TRAINERS
-    from openrlaif.training.common import format_metrics, load_train_config, resolve_train_config_path
+    from openrlaif.training.config import load_train_config, resolve_train_config_path
+    from openrlaif.training.metrics import format_metrics
 
     config_class, train = TRAINERS[args.algorithm]
     config = load_train_config(resolve_train_config_path(args.config), config_class, args.set)

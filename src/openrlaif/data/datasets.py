@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from openrlaif.data.io import ReadResult, read_pairs
-from openrlaif.data.records import Pair
-from openrlaif.errors import OpenRLAIFError
+from openrlaif.data.io import ReadResult, read_pairs, read_prompts
+from openrlaif.data.records import Pair, PromptRecord
+from openrlaif.errors import ConfigError, OpenRLAIFError
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 
@@ -71,3 +71,22 @@ def hh_harmless_split(part: Literal["train", "eval"]) -> list[Pair]:
         return train
     seen = {p.prompt for p in train}
     return [p for p, t in zip(pairs, in_train, strict=True) if not t and p.prompt not in seen]
+
+
+def load_prompts(
+    source: str, skip_invalid: bool = False, limit: int | None = None
+) -> ReadResult[PromptRecord]:
+    """A prompts file, or a built-in dataset's prompts (ids like "hh-harmless-12")."""
+    if source in BUILTIN_DATASETS:
+        # The few source rows the loader leaves out are a documented property of the shipped
+        # file, not invalid input of the user's, so they are not reported as skipped.
+        pairs = load_pairs(source)
+        result = ReadResult([PromptRecord(p.id, p.prompt) for p in pairs.records])
+    elif Path(source).exists():
+        result = read_prompts(source, skip_invalid=skip_invalid)
+    else:
+        names = ", ".join(sorted(BUILTIN_DATASETS))
+        raise ConfigError(f"prompts: {source!r} is neither a file nor a built-in dataset ({names})")
+    if limit is not None:
+        result.records = result.records[:limit]
+    return result

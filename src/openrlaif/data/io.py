@@ -122,7 +122,8 @@ def read_records(
 # ---------------------------------------------------------------- field checks
 
 
-def _text(row: dict[str, Any], key: str) -> str:
+def read_text(row: dict[str, Any], key: str) -> str:
+    """`row[key]`, a non-empty string; anything else is a one-line RowError naming the field."""
     if key not in row or row[key] is None:
         raise RowError(f"missing field {key!r}")
     value = row[key]
@@ -137,7 +138,8 @@ def _text(row: dict[str, Any], key: str) -> str:
     return value
 
 
-def _row_id(row: dict[str, Any], line: int) -> str:
+def read_id(row: dict[str, Any], line: int) -> str:
+    """The row's `id` as a string (a string or an integer in the file), or `line-N` without one."""
     value = row.get("id")
     if value is None:
         return f"line-{line}"
@@ -201,19 +203,19 @@ def parse_pair(row: dict[str, Any], line: int) -> Pair:
     - the standard preference format `prompt`, `chosen`, `rejected` (A = chosen, human label 1);
     - HH-RLHF dialogues `chosen`, `rejected` with no prompt (split at the last Assistant turn).
     """
-    pair_id = _row_id(row, line)
+    pair_id = read_id(row, line)
     if "response_a" in row or "response_b" in row:
         return Pair(
             pair_id,
-            _text(row, "prompt"),
-            _text(row, "response_a"),
-            _text(row, "response_b"),
+            read_text(row, "prompt"),
+            read_text(row, "response_a"),
+            read_text(row, "response_b"),
             _human_label(row),
         )
     if "chosen" in row or "rejected" in row:
-        chosen, rejected = _text(row, "chosen"), _text(row, "rejected")
+        chosen, rejected = read_text(row, "chosen"), read_text(row, "rejected")
         if "prompt" in row:
-            return Pair(pair_id, _text(row, "prompt"), chosen, rejected, 1.0)
+            return Pair(pair_id, read_text(row, "prompt"), chosen, rejected, 1.0)
         prompt, chosen_reply = split_dialogue(chosen)
         prompt_r, rejected_reply = split_dialogue(rejected)
         if prompt != prompt_r:
@@ -228,11 +230,11 @@ def parse_pair(row: dict[str, Any], line: int) -> Pair:
 
 
 def parse_response(row: dict[str, Any], line: int) -> ResponseRecord:
-    return ResponseRecord(_row_id(row, line), _text(row, "prompt"), _text(row, "response"))
+    return ResponseRecord(read_id(row, line), read_text(row, "prompt"), read_text(row, "response"))
 
 
 def parse_prompt(row: dict[str, Any], line: int) -> PromptRecord:
-    return PromptRecord(_row_id(row, line), _text(row, "prompt"))
+    return PromptRecord(read_id(row, line), read_text(row, "prompt"))
 
 
 def read_pairs(path: str | Path, skip_invalid: bool = False) -> ReadResult[Pair]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from openrlaif.data.datasets import BUILTIN_DATASETS, hh_harmless_split, load_pairs
+from openrlaif.data.examples import parse_sft_row
 from openrlaif.data.io import read_pairs, read_prompts, read_records, write_records
 from openrlaif.data.records import Pair, PromptRecord
 from openrlaif.errors import ConfigError
@@ -104,8 +105,6 @@ def demonstration_rows(ref: str, limit: int | None, what: str) -> list[dict[str,
     """SFT data: prompt + completion (for a built-in dataset, the reply people chose)."""
 
     def from_file(path: str) -> list[dict[str, Any]]:
-        from openrlaif.training.sft import parse_sft_row
-
         examples = read_records(path, parse_sft_row).records
         return [{"id": e.id, "prompt": e.prompt, "completion": e.completion} for e in examples]
 

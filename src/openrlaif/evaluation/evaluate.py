@@ -37,10 +37,10 @@ from typing import Any, Literal
 
 from openrlaif.data.io import (
     RowError,
-    _row_id,
-    _text,
+    read_id,
     read_jsonl_dicts,
     read_records,
+    read_text,
     write_records,
     write_text_atomic,
 )
@@ -57,6 +57,7 @@ from openrlaif.evaluation.winrate import (
 from openrlaif.generation import GenerateConfig, generate
 from openrlaif.judges.base import Judge
 from openrlaif.labeling import label_pairs, score_responses
+from openrlaif.models.loading import local_weights_stamp
 
 RESPONSE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 
@@ -137,9 +138,9 @@ def _parse_response(row: dict[str, Any], line: int) -> _Response:
     index = row.get("sample_index", 0)
     if isinstance(index, bool) or not isinstance(index, int):
         raise RowError("field 'sample_index' must be an integer")
-    row_id = _row_id(row, line)
+    row_id = read_id(row, line)
     prompt_id = str(row["prompt_id"]) if row.get("prompt_id") is not None else row_id
-    return _Response(row_id, prompt_id, _text(row, "prompt"), response, index)
+    return _Response(row_id, prompt_id, read_text(row, "prompt"), response, index)
 
 
 def read_response_file(path: str | Path) -> dict[str, _Response]:
@@ -159,8 +160,6 @@ def prompts_from_responses(path: str | Path) -> list[PromptRecord]:
 def _sample_model(
     side: Side, prompts_file: Path, out_dir: Path, settings: EvalSettings, show_progress: bool
 ) -> Path:
-    from openrlaif.judges.hf import local_weights_stamp  # why: start-up — judges.hf loads torch
-
     identity = {"model": side.spec, "weights": local_weights_stamp(side.spec), **settings.sampling()}
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"responses-{_digest(identity)}.jsonl"

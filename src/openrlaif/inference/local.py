@@ -26,6 +26,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal, NamedTuple
 
+from openrlaif.data.chat import encode_prompt, use_chat_template
 from openrlaif.errors import GenerationError
 
 
@@ -219,10 +220,6 @@ def prepare_rows(
     seed: int, max_new_tokens: int, chat_template: str = "auto",
 ) -> list[tuple[list[int], int]]:  # fmt: skip
     """(prompt ids, sample seed) per requested sample; a prompt the model has no room for is an error."""
-    # Not at the top: chat encoding still lives in generation.py, which imports this module (a cycle
-    # at import time). Issue 11 moves it to data/chat.py; then this becomes a top-level import.
-    from openrlaif.generation import encode_prompt, use_chat_template
-
     chat = use_chat_template(tokenizer, chat_template)
     limit = _max_positions(model)
     encoded: dict[str, list[int]] = {}  # each prompt is encoded once, not once per sample

@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Literal
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from openrlaif.data.chat import to_messages
 from openrlaif.errors import GenerationError
 from openrlaif.inference.http import OpenAIClient
 from openrlaif.inference.local import Sample, eos_token_ids, prepare_rows
@@ -111,10 +112,6 @@ class ServerSampler:
         return self.client.run(self.client.gather([self._one(prompt, seed) for prompt, seed in items]))
 
     async def _one(self, prompt: str, seed: int) -> ServerSample:
-        # Not at the top: chat encoding still lives in generation.py, which imports this module (a
-        # cycle at import time). Issue 11 moves it to data/chat.py; then this becomes a top-level import.
-        from openrlaif.generation import to_messages
-
         body: dict[str, Any] = {"model": self.config.model, **self.sampling, "seed": seed}
         if self.config.endpoint == "completions":
             return await self.client.post("/completions", {**body, "prompt": prompt}, _read_sample)

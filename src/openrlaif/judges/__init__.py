@@ -17,26 +17,23 @@ from openrlaif.config import (
 )
 from openrlaif.judges.base import Comparison, Judge, OrderedPair, OrderJudgment, ScoreJudgment
 from openrlaif.judges.cache import JudgmentCache
+from openrlaif.judges.embedding import EmbeddingJudge
+from openrlaif.judges.ensemble import EnsembleJudge
+from openrlaif.judges.openai_compat import OpenAIJudge
 
 
 def build_judge(config: JudgeConfig, cache: JudgmentCache | None = None) -> Judge:
     """Instantiate the backend a config names; backends are imported only when used."""
     judge: Judge
     if isinstance(config, HFJudgeConfig):
-        from openrlaif.judges.hf import HFJudge
+        from openrlaif.judges.hf import HFJudge  # why: start-up — it imports torch
 
         judge = HFJudge(config)
     elif isinstance(config, OpenAIJudgeConfig):
-        from openrlaif.judges.openai_compat import OpenAIJudge
-
         judge = OpenAIJudge(config)
     elif isinstance(config, EmbeddingJudgeConfig):
-        from openrlaif.judges.embedding import EmbeddingJudge
-
         judge = EmbeddingJudge(config)
     elif isinstance(config, EnsembleJudgeConfig):
-        from openrlaif.judges.ensemble import EnsembleJudge
-
         members = [build_judge(c, cache) for c in config.judges if not isinstance(c, str)]
         judge = EnsembleJudge(config, members)
     else:  # pragma: no cover - the config union is closed

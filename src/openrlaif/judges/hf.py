@@ -23,12 +23,12 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Hashable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from openrlaif.config import HFJudgeConfig, answer_fields
+from openrlaif.data.chat import use_chat_template
 from openrlaif.errors import ConfigError
 from openrlaif.judges.base import (
     Judge,
@@ -45,6 +45,8 @@ from openrlaif.judges.tokens import (
     score_label_tokens,
     score_log_distribution,
 )
+from openrlaif.models.loading import load_causal_lm, local_weights_stamp, resolve_device, resolve_dtype
+from openrlaif.models.logprobs import accepts_logits_to_keep
 
 logger = logging.getLogger(__name__)
 
@@ -64,70 +66,6 @@ _UNLIMITED = 1_000_000_000
 # One item's suffix text in three parts: (before the context, the context, after the context).
 # Only the middle part is cut when a prompt is too long.
 Pieces = tuple[str, str, str]
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """ "auto": float32 on CPU; bfloat16 on a GPU that supports it, else float32."""
-    if dtype == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return getattr(torch, dtype)
-
-
-def load_causal_lm(
-    name: str, device: torch.device, dtype: torch.dtype, revision: str | None = None,
-    trust_remote_code: bool = False, what: str = "model", setting: str = "model",
-) -> tuple[Any, Any]:  # fmt: skip
-    """(tokenizer, model) in eval mode on `device`; a model that cannot be loaded is a one-line
-    ConfigError naming the setting (`what` and `setting` say whose and which). Shared with
-    `openrlaif generate`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from openrlaif.models.names import resolve_model_path
-
-    name = resolve_model_path(name)  # builtin:hh-tiny-gpt, tiny:gpt2 -> their folders
-    common: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, **common)
-        model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=dtype, device_map=str(device) if device.type == "cuda" else None, **common
-        )
-    except (OSError, ValueError, KeyError, ImportError, RuntimeError) as e:
-        raise ConfigError(
-            f"{what}: cannot load model {name!r} ({_first_line(e)}); "
-            f"set `{setting}:` to a local model folder or a Hugging Face model id"
-        ) from None
-    if model.device != device:
-        model.to(device)
-    model.eval()
-    return tokenizer, model
-
-
-def local_weights_stamp(model: str) -> str | None:
-    """A hash of the names, sizes and mtimes of a local model folder's files (None for hub ids):
-    retraining a model in place must not reuse the old model's cached judgments."""
-    folder = Path(model)
-    if not folder.is_dir():
-        return None
-    digest = hashlib.sha256()
-    for f in sorted(folder.rglob("*")):
-        rel = f.relative_to(folder)
-        if f.is_file() and not any(part.startswith(".") for part in rel.parts):
-            st = f.stat()
-            digest.update(f"{rel.as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _split_at_context(sample_format: str, fields: dict[str, str], after: str) -> Pieces:
@@ -159,7 +97,7 @@ class HFJudge(Judge):
         self._pad_id = next(
             (i for i in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id) if i is not None), 0
         )
-        self._keeps_logits = "logits_to_keep" in _forward_parameters(self.model)
+        self._keeps_logits = accepts_logits_to_keep(self.model)
 
         pair, score = self.templates.pairwise, self.templates.score
         # Shared prefix per kind: its ids, and (with a chat template) the text that closes the user
@@ -187,13 +125,12 @@ class HFJudge(Judge):
         )
 
     def _resolve_chat_template(self) -> bool:
-        has_one = bool(getattr(self.tokenizer, "chat_template", None))
-        if self.config.chat_template == "on" and not has_one:
-            raise ConfigError(
-                f"hf judge: chat_template is 'on' but the tokenizer of {self.config.model!r} has no chat "
-                "template; set chat_template: auto or off"
-            )
-        return has_one and self.config.chat_template != "off"
+        return use_chat_template(
+            self.tokenizer,
+            self.config.chat_template,
+            f"hf judge: chat_template is 'on' but the tokenizer of {self.config.model!r} has no chat "
+            "template; set chat_template: auto or off",
+        )
 
     def _resolve_max_length(self) -> int:
         """The tightest of: the config's max_length, the model's positions, the tokenizer's limit."""
@@ -637,9 +574,3 @@ def _common_length(rows: Sequence[list[int]], n_last: int) -> int:
     while n < limit and all(r[n] == first[n] for r in rows[1:]):
         n += 1
     return n
-
-
-def _forward_parameters(model: Any) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(model.forward).parameters)

@@ -18,6 +18,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from openrlaif.config import load_yaml_model
+from openrlaif.errors import ConfigError
+
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 
 
@@ -113,14 +116,10 @@ def builtin_template_names() -> list[str]:
 
 def load_template_set(name_or_path: str) -> TemplateSet:
     """A built-in template set by name (`harmless`, `helpful`, `summarize`) or a YAML file."""
-    from openrlaif.config import load_yaml_model  # config imports this module
-
     path = TEMPLATE_DIR / f"{name_or_path}.yaml"
     if not path.exists():
         path = Path(name_or_path)
     if not path.exists():
-        from openrlaif.errors import ConfigError
-
         raise ConfigError(
             f"template {name_or_path!r} is neither a built-in template ({', '.join(builtin_template_names())}) nor a file"
         )

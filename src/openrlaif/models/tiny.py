@@ -17,6 +17,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
+from openrlaif.data.datasets import load_pairs
+
 Arch = Literal["gpt2", "llama"]
 
 LLAMA_CHAT_TEMPLATE = (
@@ -27,8 +29,6 @@ LLAMA_CHAT_TEMPLATE = (
 
 def hh_corpus(limit: int | None = None) -> list[str]:
     """Prompts and replies of the shipped HH-RLHF pairs, as tokenizer training text."""
-    from openrlaif.data.datasets import load_pairs
-
     texts: list[str] = []
     for pair in load_pairs("hh-harmless").records[:limit]:
         texts += [pair.prompt, pair.response_a, pair.response_b]
@@ -36,6 +36,7 @@ def hh_corpus(limit: int | None = None) -> list[str]:
 
 
 def train_tokenizer(texts: Iterable[str], arch: Arch, vocab_size: int = 1024):  # -> PreTrainedTokenizerFast
+    # why: tokenizers and transformers are slow to import, and only building a model needs them
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -70,7 +71,7 @@ def train_tokenizer(texts: Iterable[str], arch: Arch, vocab_size: int = 1024):  
             vocab_size=vocab_size, special_tokens=special, initial_alphabet=alphabet
         )
         tok.train_from_iterator(texts, trainer)
-        from tokenizers import processors
+        from tokenizers import processors  # why: as above
 
         tok.post_processor = processors.TemplateProcessing(
             single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
@@ -95,6 +96,7 @@ def build_tiny_causal_lm(
     texts: list[str] | None = None,
 ) -> Path:
     """Train a tokenizer, build a random-weight model of `arch`, save both to `out_dir`."""
+    # why: torch and transformers are slow to import, and only building a model needs them
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 

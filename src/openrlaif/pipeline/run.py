@@ -27,6 +27,7 @@ import yaml
 from openrlaif.data.io import write_text_atomic
 from openrlaif.data.lock import one_writer
 from openrlaif.errors import DiskFullError
+from openrlaif.models.loading import quiet_transformers
 from openrlaif.pipeline.config import PipelineConfig
 from openrlaif.pipeline.manifest import Manifest, content_hash, fingerprint
 from openrlaif.pipeline.stages import Context, Stage, plan
@@ -56,8 +57,6 @@ def _say(message: str, quiet: bool) -> None:
 
 
 def run_pipeline(config: PipelineConfig, show_progress: bool = True, quiet: bool = False) -> RunResult:
-    from openrlaif.training.common import quiet_transformers  # why: start-up — it loads torch
-
     quiet_transformers()  # the stages show their own progress; not a bar per weight file loaded
     run_dir = config.resolved_run_dir()
     with one_writer(run_dir):  # one pipeline per run directory: a second is refused at once

@@ -26,6 +26,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from openrlaif.config import answer_fields, load_judge_config
+from openrlaif.data.chat import encode_prompt, use_chat_template
+from openrlaif.data.io import read_pairs
+from openrlaif.data.records import PromptRecord
 from openrlaif.data.refs import (
     data_fingerprint,
     demonstration_rows,
@@ -33,8 +36,16 @@ from openrlaif.data.refs import (
     pair_rows,
     prompt_rows,
 )
+from openrlaif.distill import distill, teacher_source
 from openrlaif.errors import ConfigError
-from openrlaif.labeling import measure_alignment
+from openrlaif.evaluation.evaluate import EvalSettings, evaluate
+from openrlaif.evaluation.human import import_labels
+from openrlaif.evaluation.report import build_report, check_reward_model
+from openrlaif.generation import GenerateConfig, generate
+from openrlaif.judges import JudgmentCache, build_judge
+from openrlaif.labeling import label_pairs, measure_alignment
+from openrlaif.models.loading import load_model_config, load_tokenizer
+from openrlaif.models.names import resolve_model_path
 from openrlaif.pipeline.config import PipelineConfig
 
 RESERVED_NAMES = {"base", "data", "eval", "rm", "report", "align"}
@@ -53,16 +64,12 @@ class Context:
     def model_path(self, name: str) -> str:
         """`base`, a policy's name (its trained model folder), or a model path/id as is."""
         if name == "base":
-            from openrlaif.models.names import resolve_model_path
-
             return resolve_model_path(self.config.model)
         if name in self.config.policies:
             return str(self.run_dir / name / "model")
         return name
 
     def open_judge(self, name: str) -> Any:
-        from openrlaif.judges import JudgmentCache, build_judge
-
         return build_judge(load_judge_config(name), JudgmentCache(self.cache_path))
 
 
@@ -100,7 +107,7 @@ def model_settings(config: PipelineConfig, name: str) -> str:
 
 
 def trainer_config(algorithm: str, settings: dict[str, Any], where: str) -> Any:
-    from openrlaif.training import TRAINERS
+    from openrlaif.training import TRAINERS  # why: start-up — training imports torch
 
     config_class = TRAINERS[algorithm][0]
     try:
@@ -116,7 +123,7 @@ def trainer_config(algorithm: str, settings: dict[str, Any], where: str) -> Any:
 def _train(
     algorithm: str, settings: dict[str, Any], where: str, ctx: Context, resume: bool
 ) -> dict[str, Any]:
-    from openrlaif.training import run_trainer
+    from openrlaif.training import run_trainer  # why: start-up — training imports torch
 
     config = trainer_config(algorithm, settings, where)
     result = run_trainer(algorithm, config, resume=resume, show_progress=ctx.show_progress)
@@ -124,23 +131,20 @@ def _train(
 
 
 def fitting_prompts(
-    rows: list[dict[str, Any]], model: str, max_new_tokens: int
-) -> tuple[list[dict[str, Any]], int]:
+    rows: list[dict[str, Any]], model: str, max_new_tokens: int, revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[list[dict[str, Any]], int]:  # fmt: skip
     """The prompts that leave room for `max_new_tokens` in the policy's context, and how many did
     not. Long HH dialogues exceed a small model's positions; they are left out (and counted in
     the stage's summary) rather than cut, because a dialogue cut from the left loses who said what."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from openrlaif.generation import encode_prompt, use_chat_template
-
-    config = AutoConfig.from_pretrained(model)
+    config = load_model_config(model, revision, trust_remote_code)
     limit = next(
         (getattr(config, k) for k in ("max_position_embeddings", "n_positions") if getattr(config, k, None)),
         None,
     )
     if limit is None:
         return rows, 0
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer = load_tokenizer(model, revision, trust_remote_code)
     chat = use_chat_template(tokenizer, "auto")
     kept = [r for r in rows if len(encode_prompt(tokenizer, r["prompt"], chat)) + max_new_tokens <= limit]
     if not kept:
@@ -256,9 +260,6 @@ def distill_stage(config: PipelineConfig, teacher: str) -> Stage:
     out = f"data/distill-{teacher}.jsonl"
 
     def run(ctx: Context, resume: bool) -> dict[str, Any]:
-        from openrlaif.distill import distill, teacher_source
-        from openrlaif.models.names import resolve_model_path
-
         model = resolve_model_path(spec.model) if spec.model else None
         result = distill(
             teacher_source(model, spec.judge), spec.prompts, ctx.run_dir / out, spec.temperature,
@@ -312,8 +313,6 @@ def candidates_stage(config: PipelineConfig) -> Stage:
     spec = config.feedback
 
     def run(ctx: Context, resume: bool) -> dict[str, Any]:
-        from openrlaif.generation import GenerateConfig, generate
-
         policy = ctx.model_path(spec.policy)
         rows, too_long = fitting_prompts(
             prompt_rows(spec.prompts, None, "feedback.prompts"), policy, spec.max_new_tokens
@@ -349,9 +348,6 @@ def label_stage(config: PipelineConfig) -> Stage:
     human = config.feedback.human_labels
 
     def run(ctx: Context, resume: bool) -> dict[str, Any]:
-        from openrlaif.data.io import read_pairs
-        from openrlaif.labeling import label_pairs
-
         pairs = read_pairs(ctx.run_dir / "pairs.jsonl").records
         judge = ctx.open_judge(config.judge)
         out = ctx.run_dir / ("labeled.ai.jsonl" if human else "labeled.jsonl")
@@ -361,8 +357,6 @@ def label_stage(config: PipelineConfig) -> Stage:
             judge.close()
         summary: dict[str, Any] = {"pairs": job.total, "cache_hits": job.cache_hits}
         if human:
-            from openrlaif.evaluation.human import import_labels
-
             imported = import_labels(out, human, ctx.run_dir / "labeled.jsonl")
             summary["human_labels"] = imported.human
         return summary
@@ -382,8 +376,6 @@ def reward_model_stage(config: PipelineConfig) -> Stage:
         settings = {"seed": config.seed, "model": ctx.model_path(spec.policy), **spec.reward_model,
                     "data": str(ctx.run_dir / "labeled.jsonl"), "output_dir": str(ctx.run_dir / "rm")}  # fmt: skip
         if "model" in spec.reward_model:
-            from openrlaif.models.names import resolve_model_path
-
             settings["model"] = resolve_model_path(spec.reward_model["model"])
         summary = _train("rm", settings, "feedback.reward_model", ctx, resume)
         _say_reward_model_check(summary, ctx)
@@ -399,8 +391,6 @@ def _say_reward_model_check(summary: dict[str, Any], ctx: Context) -> None:
     """Whether the reward model learned the labels, said as soon as it is known; a reward model
     that did not is said even with --quiet (the RL after it would follow noise)."""
     import sys
-
-    from openrlaif.evaluation.report import check_reward_model
 
     check = check_reward_model("rm", summary.get("eval/accuracy"), summary.get("eval/pairs"))
     if check is not None and (ctx.show_progress or not check.learned):
@@ -419,11 +409,15 @@ def rl_stage(config: PipelineConfig, name: str) -> Stage:
         settings["judge"] = judge_settings(config.judge)
 
     def run(ctx: Context, resume: bool) -> dict[str, Any]:
-        from openrlaif.training import RLConfig
+        from openrlaif.training.rl import RLBaseConfig  # why: start-up — training imports torch
 
-        max_new = spec.settings.get("max_new_tokens", RLConfig.model_fields["max_new_tokens"].default)
+        max_new = spec.settings.get("max_new_tokens", RLBaseConfig.model_fields["max_new_tokens"].default)
         rows, too_long = fitting_prompts(
-            prompt_rows(prompts, None, f"policies.{name}.data"), ctx.model_path(spec.init), max_new
+            prompt_rows(prompts, None, f"policies.{name}.data"),
+            ctx.model_path(spec.init),
+            max_new,
+            spec.settings.get("revision"),
+            spec.settings.get("trust_remote_code", False),
         )
         source = materialize(rows, ctx.run_dir / "data" / f"rl-{name}-prompts.jsonl", f"policies.{name}.data")
         if spec.reward == "reward_model":
@@ -470,9 +464,6 @@ def eval_stage(config: PipelineConfig, a: str, b: str) -> Stage:
     out = eval_dir(a, b)
 
     def run(ctx: Context, resume: bool) -> dict[str, Any]:
-        from openrlaif.data.records import PromptRecord
-        from openrlaif.evaluation.evaluate import EvalSettings, evaluate
-
         rows = prompt_rows(spec.prompts, None, "eval.prompts")
         too_long = 0
         for side in dict.fromkeys([ctx.model_path(a), ctx.model_path(b)]):  # both must fit
@@ -506,8 +497,6 @@ def eval_stage(config: PipelineConfig, a: str, b: str) -> Stage:
 
 def report_stage(config: PipelineConfig, before: list[str]) -> Stage:
     def run(ctx: Context, resume: bool) -> dict[str, Any]:
-        from openrlaif.evaluation.report import build_report
-
         return {"report": str(build_report(ctx.run_dir))}
 
     # every earlier stage: the report shows their curves and numbers

@@ -45,7 +45,6 @@ pairs with a human label, or the built-in `hh-harmless`: the reward trainer's lo
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import math
 import time
@@ -54,40 +53,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from openrlaif.data.chat import ChatTemplate, encode_prompt_completions, resolve_chat_template
+from openrlaif.data.examples import PreferenceExample
 from openrlaif.data.io import write_atomic
-from openrlaif.training.common import (
-    IGNORE_INDEX,
-    ChatTemplate,
-    ExampleIdLog,
-    MetricsLogger,
-    ShardedBatches,
-    Throughput,
-    TrainConfig,
-    TrainResult,
-    check_finite,
-    encode_prompt_completions,
-    eval_shard,
-    format_metrics,
-    load_checkpoint,
-    load_pretrained,
-    load_tokenizer,
-    make_optimizer,
-    make_scheduler,
-    one_writer_per_output_dir,
-    pad_right,
-    plan_steps,
-    resolve_chat_template,
-    resolve_model_path,
-    save_checkpoint,
-    save_model_folder,
-    simulate_kill,
-    start_run,
-    token_logprobs,
-)
-from openrlaif.training.reward import PreferenceExample, agreement, load_preference_examples
+from openrlaif.models.loading import load_pretrained, load_tokenizer
+from openrlaif.models.logprobs import IGNORE_INDEX, accepts_logits_to_keep, token_logprobs
+from openrlaif.models.names import resolve_model_path
+from openrlaif.training.batching import ShardedBatches, eval_shard, pad_right
+from openrlaif.training.checkpoint import save_checkpoint, save_model_folder
+from openrlaif.training.config import TrainConfig
+from openrlaif.training.errors import check_finite
+from openrlaif.training.losses import dpo_loss
+from openrlaif.training.metrics import Throughput, format_metrics
+from openrlaif.training.reward import agreement, load_preference_examples
+from openrlaif.training.run import TrainResult, one_writer_per_output_dir, start_run
+from openrlaif.training.step import finish_step, start_steps
 
 REF_FILE = "ref_logprobs.safetensors"
 
@@ -263,11 +247,6 @@ def disable_dropout(model: torch.nn.Module) -> None:
 # ---------------------------------------------------------------- log-probs
 
 
-def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    inner = getattr(model, "module", model)  # DDP wraps the model
-    return "logits_to_keep" in inspect.signature(inner.forward).parameters
-
-
 def response_logprobs(model: torch.nn.Module, batch: DPOBatch) -> torch.Tensor:
     """Summed log-probs of each sequence's response tokens, float32 (2B,): chosen, then rejected.
 
@@ -278,7 +257,7 @@ def response_logprobs(model: torch.nn.Module, batch: DPOBatch) -> torch.Tensor:
         return _packed_logprobs(model, batch)
     width = batch.input_ids.shape[1]
     keep = width - max(batch.first_label - 1, 0)  # logits at t predict token t+1
-    kwargs: dict[str, Any] = {"logits_to_keep": keep} if _accepts_logits_to_keep(model) else {}
+    kwargs: dict[str, Any] = {"logits_to_keep": keep} if accepts_logits_to_keep(model) else {}
     logits = model(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **kwargs
     ).logits
@@ -298,7 +277,7 @@ def _packed_logprobs(model: torch.nn.Module, batch: DPOBatch) -> torch.Tensor:
     mask = causal & (segments != PAD)[:, None, :] & ~hidden_chosen  # (B, query, key): True = attend
     start = int(batch.n_prompt.min()) - 1  # the first position whose logits are needed
     keep = width - start
-    kwargs: dict[str, Any] = {"logits_to_keep": keep} if _accepts_logits_to_keep(model) else {}
+    kwargs: dict[str, Any] = {"logits_to_keep": keep} if accepts_logits_to_keep(model) else {}
     logits = model(
         input_ids=batch.input_ids, attention_mask=mask[:, None], position_ids=batch.position_ids,
         use_cache=False, **kwargs,
@@ -420,8 +399,6 @@ def data_hash(
 
 def read_reference_file(path: Path, expected_hash: str) -> dict[str, torch.Tensor] | None:
     """The stored reference log-probs ("train", "held_out"), or None when missing or for other data."""
-    from safetensors import safe_open
-
     if not path.exists():
         return None
     with safe_open(str(path), framework="pt") as fh:
@@ -431,8 +408,6 @@ def read_reference_file(path: Path, expected_hash: str) -> dict[str, torch.Tenso
 
 
 def write_reference_file(path: Path, tensors: dict[str, torch.Tensor], data_hash_: str, ref: str) -> None:
-    from safetensors.torch import save_file
-
     contiguous = {k: v.contiguous() for k, v in tensors.items()}
     metadata = {"data_hash": data_hash_, "ref_model": ref}
     # atomic: a run killed while writing leaves no torn file
@@ -440,22 +415,6 @@ def write_reference_file(path: Path, tensors: dict[str, torch.Tensor], data_hash
 
 
 # ---------------------------------------------------------------- loss and metrics
-
-
-def dpo_loss(
-    policy_chosen: torch.Tensor,
-    policy_rejected: torch.Tensor,
-    ref_chosen: torch.Tensor,
-    ref_rejected: torch.Tensor,
-    p: torch.Tensor,
-    beta: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair soft-label DPO loss and the implicit rewards β·(log π - log π_ref) of chosen and rejected."""
-    reward_chosen = beta * (policy_chosen - ref_chosen)
-    reward_rejected = beta * (policy_rejected - ref_rejected)
-    margin = reward_chosen - reward_rejected  # = βΔ
-    loss = -(p * F.logsigmoid(margin) + (1.0 - p) * F.logsigmoid(-margin))
-    return loss, reward_chosen, reward_rejected
 
 
 N_SUMS = 8
@@ -543,7 +502,7 @@ def evaluate(
 @one_writer_per_output_dir
 def train_dpo(config: DPOConfig, resume: bool = False, show_progress: bool = True) -> TrainResult:
     """Train; with `resume`, continue from the newest checkpoint in `output_dir` exactly."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # why: transformers is slow to import
 
     run = start_run(config, resume, load_preference_examples)
     accelerator, output_dir, checkpoint, source = run.accelerator, run.output_dir, run.checkpoint, run.source
@@ -604,14 +563,11 @@ def train_dpo(config: DPOConfig, resume: bool = False, show_progress: bool = Tru
         len(train_set), config.batch_size, accelerator.num_processes, accelerator.process_index, config.seed,
         train_lengths if config.group_by_length else None,
     )  # fmt: skip
-    total_steps = plan_steps(config, loader, len(train_set), accelerator.num_processes)
-    optimizer = make_optimizer(model, config)
-    scheduler = make_scheduler(optimizer, config, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    start_step = load_checkpoint(checkpoint, accelerator, optimizer, scheduler, loader) if checkpoint else 0
-
-    logger = MetricsLogger(accelerator, output_dir, config, total_steps, start_step, "DPO", show_progress)
-    ids_log = ExampleIdLog(output_dir, accelerator.process_index, config.record_example_ids)
+    parts = start_steps(
+        config, accelerator, model, loader, len(train_set), output_dir, checkpoint, "DPO", show_progress
+    )
+    model, optimizer, scheduler, logger = parts.model, parts.optimizer, parts.scheduler, parts.logger
+    total_steps, start_step = parts.total_steps, parts.start_step
     global_batch = config.batch_size * config.grad_accum_steps * accelerator.num_processes
     layout = "prompt shared: one packed row per pair" if packed else "chosen and rejected as separate rows"
     logger.print(
@@ -632,7 +588,7 @@ def train_dpo(config: DPOConfig, resume: bool = False, show_progress: bool = Tru
         logger.print(f"step 0 (before training): {format_metrics(first_metrics)}")
 
     last_checkpoint = checkpoint.path if checkpoint else None
-    throughput = Throughput()
+    throughput = parts.throughput = Throughput()  # training time starts here, after the first evaluation
     model.train()
     try:
         for step in range(start_step + 1, total_steps + 1):
@@ -667,25 +623,9 @@ def train_dpo(config: DPOConfig, resume: bool = False, show_progress: bool = Tru
             # One all-reduce for the log: metric sums, samples and tokens over all processes.
             totals = accelerator.reduce(torch.cat([sums, sums.new_tensor([samples, tokens])]), "sum")
             train_metrics = metrics_from_sums(totals[:N_SUMS], "train", config.beta)
-            check_finite(step, "loss", train_metrics["train/loss"], last_checkpoint)  # before the optimizer
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or math.inf)
-            check_finite(step, "gradient norm", grad_norm, last_checkpoint)
-            learning_rate = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            ids_log.write(step, ids)
-
             metrics = {k: v for k, v in train_metrics.items() if not math.isnan(v)}
-            metrics["train/learning_rate"] = learning_rate
-            if grad_norm is not None:
-                metrics["train/grad_norm"] = float(grad_norm)
-            rates = throughput.rates(totals[N_SUMS].item(), totals[N_SUMS + 1].item())
-            metrics |= {f"train/{k}": v for k, v in rates.items()}
-            if step % config.log_every == 0 or step == total_steps:
-                logger.log(step, metrics)
-            logger.advance(step, f"loss {train_metrics['train/loss']:.4f}")
-            simulate_kill(step)
+            finish_step(parts, step, train_metrics["train/loss"], metrics, totals[N_SUMS].item(),
+                        totals[N_SUMS + 1].item(), ids, last_checkpoint, f"loss {train_metrics['train/loss']:.4f}")  # fmt: skip
 
             if held_out and (step == total_steps or (config.eval_every and step % config.eval_every == 0)):
                 final_metrics = evaluate(

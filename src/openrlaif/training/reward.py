@@ -37,54 +37,32 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from openrlaif.data.datasets import BUILTIN_DATASETS, load_pairs
-from openrlaif.data.io import (
-    RowError,
-    _row_id,
-    _text,
-    check_label_fields,
-    parse_pair,
-    probability,
-    read_records,
-)
-from openrlaif.errors import ConfigError
-from openrlaif.training.common import (
+from openrlaif.data.chat import (
     ChatTemplate,
-    ExampleIdLog,
-    MetricsLogger,
-    ShardedBatches,
-    Throughput,
-    TrainConfig,
-    TrainingError,
-    TrainResult,
-    check_finite,
     encode_prompt_completions,
     encoded_lengths,
-    eval_shard,
-    format_metrics,
-    load_checkpoint,
-    load_pretrained,
-    load_tokenizer,
-    make_optimizer,
-    make_scheduler,
-    one_writer_per_output_dir,
-    pad_right,
-    plan_steps,
-    quiet_transformers,
     resolve_chat_template,
-    save_checkpoint,
-    save_model_folder,
-    simulate_kill,
-    start_run,
 )
+from openrlaif.data.datasets import BUILTIN_DATASETS, load_pairs
+from openrlaif.data.examples import PreferenceExample, parse_preference_row
+from openrlaif.data.io import read_records
+from openrlaif.errors import ConfigError
+from openrlaif.models.heads import ValueHeadModel
+from openrlaif.models.loading import load_model_config, load_pretrained, load_tokenizer, quiet_transformers
+from openrlaif.training.batching import ShardedBatches, eval_shard, pad_right
+from openrlaif.training.checkpoint import save_checkpoint, save_model_folder
+from openrlaif.training.config import TrainConfig
+from openrlaif.training.errors import TrainingError, check_finite
+from openrlaif.training.losses import soft_label_loss
+from openrlaif.training.metrics import Throughput, format_metrics
+from openrlaif.training.run import TrainResult, one_writer_per_output_dir, start_run
+from openrlaif.training.step import finish_step, start_steps
 
 ModelType = Literal["sequence_classification", "causal_lm_value_head"]
 METADATA_FILE = "openrlaif_reward.json"  # how to load the folder: model type, max length
-VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 class RewardConfig(TrainConfig):
@@ -101,38 +79,6 @@ class RewardConfig(TrainConfig):
 
 
 # ---------------------------------------------------------------- data
-
-
-@dataclass
-class PreferenceExample:
-    id: str
-    prompt: str
-    chosen: str
-    rejected: str
-    p: float  # the training label: P(chosen is better)
-    human: float | None = None  # P(chosen is better) according to people, when known
-
-
-def parse_preference_row(row: dict[str, Any], line: int) -> PreferenceExample:
-    if "p_chosen" in row and row["p_chosen"] is not None:  # `openrlaif label` output: soft AI label
-        check_label_fields(row)
-        chosen, rejected = _text(row, "chosen"), _text(row, "rejected")
-        human = None
-        if row.get("human_label") is not None:  # P(A preferred); A may be the rejected one
-            human_a = probability(row, "human_label")
-            a_is_chosen = row.get("response_a", chosen) == chosen
-            human = human_a if a_is_chosen else 1.0 - human_a
-        return PreferenceExample(
-            _row_id(row, line), _text(row, "prompt"), chosen, rejected, probability(row, "p_chosen"), human
-        )
-    pair = parse_pair(row, line)  # prompt/chosen/rejected, response_a/b + human label, HH dialogues
-    explicit_human = "response_a" in row and pair.human_label is not None
-    if pair.human_label is None:
-        raise RowError(
-            "no label: need 'p_chosen' (from `openrlaif label`), 'human_label'/'preferred', or prompt/chosen/rejected"
-        )
-    human = pair.human_label if explicit_human else None
-    return PreferenceExample(pair.id, pair.prompt, pair.response_a, pair.response_b, pair.human_label, human)
 
 
 def load_preference_examples(source: str, limit: int | None = None) -> list[PreferenceExample]:
@@ -225,63 +171,6 @@ def collate(
 # ---------------------------------------------------------------- model
 
 
-@dataclass
-class RewardOutput:
-    logits: torch.Tensor  # (B, 1), like a sequence-classification model's output
-
-
-class ValueHeadModel(nn.Module):
-    """A causal LM's transformer body (no LM head) with a scalar head on its last hidden state.
-
-    Saved as the body's HF folder plus `value_head.safetensors`; the body folder also loads
-    alone with `AutoModel`, so an RL value model can start from it.
-    """
-
-    def __init__(self, body: nn.Module) -> None:
-        super().__init__()
-        self.body = body
-        self.config = body.config
-        self.value_head = nn.Linear(body.config.hidden_size, 1)
-        nn.init.normal_(self.value_head.weight, std=getattr(body.config, "initializer_range", 0.02))
-        nn.init.zeros_(self.value_head.bias)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> RewardOutput:
-        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        last = (positions * attention_mask).argmax(-1)  # the last attended token, left or right padding
-        picked = hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last]
-        return RewardOutput(logits=self.value_head(picked))
-
-    def save_pretrained(
-        self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None
-    ) -> None:
-        from safetensors.torch import save_file
-
-        state_dict = self.state_dict() if state_dict is None else state_dict
-        body = {k.removeprefix("body."): v for k, v in state_dict.items() if k.startswith("body.")}
-        self.body.save_pretrained(directory, state_dict=body)
-        head = {
-            k.removeprefix("value_head."): v.contiguous()
-            for k, v in state_dict.items()
-            if k.startswith("value_head.")
-        }
-        save_file(head, str(Path(directory) / VALUE_HEAD_FILE))
-
-    @classmethod
-    def from_pretrained(
-        cls, path: str, revision: str | None = None, trust_remote_code: bool = False
-    ) -> ValueHeadModel:
-        """From a causal LM (a new head) or from a folder this class saved (its head)."""
-        from safetensors.torch import load_file
-        from transformers import AutoModel
-
-        model = cls(load_pretrained(AutoModel, path, revision, trust_remote_code))
-        head_file = Path(path) / VALUE_HEAD_FILE
-        if head_file.exists():
-            model.value_head.load_state_dict(load_file(str(head_file)))
-        return model
-
-
 def load_reward_backbone(
     path: str,
     model_type: ModelType,
@@ -293,12 +182,10 @@ def load_reward_backbone(
     if model_type == "causal_lm_value_head":
         model = ValueHeadModel.from_pretrained(path, revision, trust_remote_code)
     else:
-        from transformers import AutoConfig, AutoModelForSequenceClassification
+        from transformers import AutoModelForSequenceClassification  # why: transformers is slow to import
 
         try:
-            architectures = AutoConfig.from_pretrained(
-                path, revision=revision, trust_remote_code=trust_remote_code
-            ).architectures
+            architectures = load_model_config(path, revision, trust_remote_code).architectures
         except (OSError, ValueError):
             architectures = None  # load_pretrained below reports the problem in one line
         has_head = any(a.endswith("ForSequenceClassification") for a in architectures or [])
@@ -323,12 +210,6 @@ def reward_of(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
 
 
 # ---------------------------------------------------------------- loss and metrics
-
-
-def soft_label_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Per-pair L = -[p · log σ(r_c - r_r) + (1 - p) · log σ(r_r - r_c)] (DESIGN §2.2)."""
-    margin = r_chosen - r_rejected
-    return -(p * F.logsigmoid(margin) + (1.0 - p) * F.logsigmoid(-margin))
 
 
 def agreement(margin: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -420,16 +301,19 @@ def train_reward_model(config: RewardConfig, resume: bool = False, show_progress
         config.seed,
         lengths,
     )
-    total_steps = plan_steps(config, loader, len(train_set), accelerator.num_processes)
-    optimizer = make_optimizer(model, config)
-    scheduler = make_scheduler(optimizer, config, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    start_step = load_checkpoint(checkpoint, accelerator, optimizer, scheduler, loader) if checkpoint else 0
-
-    logger = MetricsLogger(
-        accelerator, output_dir, config, total_steps, start_step, "reward model", show_progress
+    parts = start_steps(
+        config,
+        accelerator,
+        model,
+        loader,
+        len(train_set),
+        output_dir,
+        checkpoint,
+        "reward model",
+        show_progress,
     )
-    ids_log = ExampleIdLog(output_dir, accelerator.process_index, config.record_example_ids)
+    model, optimizer, scheduler, logger = parts.model, parts.optimizer, parts.scheduler, parts.logger
+    total_steps, start_step = parts.total_steps, parts.start_step
     global_batch = config.batch_size * config.grad_accum_steps * accelerator.num_processes
     logger.print(
         f"Reward model ({config.model_type}): {len(train_set)} training / {len(held_out)} held-out pairs"
@@ -445,7 +329,7 @@ def train_reward_model(config: RewardConfig, resume: bool = False, show_progress
         logger.print(f"step 0 (before training): {format_metrics(first_metrics)}")
 
     last_checkpoint = checkpoint.path if checkpoint else None
-    throughput = Throughput()
+    throughput = parts.throughput = Throughput()  # training time starts here, after the first evaluation
     model.train()
     try:
         for step in range(start_step + 1, total_steps + 1):
@@ -470,28 +354,9 @@ def train_reward_model(config: RewardConfig, resume: bool = False, show_progress
             # One all-reduce for the log: loss/accuracy sums, samples and tokens over all processes.
             totals = accelerator.reduce(torch.cat([sums, sums.new_tensor([samples, tokens])]), "sum")
             train_metrics = metrics_from_sums(totals[:7], "train")
-            check_finite(
-                step, "loss", train_metrics["train/loss"], last_checkpoint
-            )  # before the optimizer uses it
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or math.inf)
-            check_finite(step, "gradient norm", grad_norm, last_checkpoint)
-            learning_rate = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            ids_log.write(step, ids)
-
             metrics = {k: v for k, v in train_metrics.items() if not math.isnan(v)}
-            metrics["train/learning_rate"] = learning_rate
-            if grad_norm is not None:
-                metrics["train/grad_norm"] = float(grad_norm)
-            metrics |= {
-                f"train/{k}": v for k, v in throughput.rates(totals[7].item(), totals[8].item()).items()
-            }
-            if step % config.log_every == 0 or step == total_steps:
-                logger.log(step, metrics)
-            logger.advance(step, f"loss {train_metrics['train/loss']:.4f}")
-            simulate_kill(step)
+            finish_step(parts, step, train_metrics["train/loss"], metrics, totals[7].item(), totals[8].item(), ids,
+                        last_checkpoint, f"loss {train_metrics['train/loss']:.4f}")  # fmt: skip
 
             if held_out and (step == total_steps or (config.eval_every and step % config.eval_every == 0)):
                 final_metrics = evaluate(model, held_out, tokenizer, config, accelerator, chat)

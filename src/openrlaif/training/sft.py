@@ -9,7 +9,7 @@ before training, every `eval_every` steps and at the end.
 
 Format (`chat_template`): with a tokenizer that has a chat template ("auto", the default, or "on")
 the prompt is rendered as the user turn(s) plus the generation prompt, token for token as
-`openrlaif generate` and the RL trainer encode it for sampling (`generation.encode_prompt`), and
+`openrlaif generate` and the RL trainer encode it for sampling (`data/chat.py`'s `encode_prompt`), and
 the completion follows as the assistant's reply; otherwise ("off", or no template) the prompt
 text, a space and the completion. Batches hold examples of similar length (`group_by_length`).
 
@@ -27,39 +27,25 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from openrlaif.data.datasets import BUILTIN_DATASETS, load_pairs
-from openrlaif.data.io import RowError, _row_id, _text, read_records
-from openrlaif.errors import ConfigError
-from openrlaif.training.common import (
-    IGNORE_INDEX,
+from openrlaif.data.chat import (
     ChatTemplate,
-    ExampleIdLog,
-    MetricsLogger,
-    ShardedBatches,
-    Throughput,
-    TrainConfig,
-    TrainingError,
-    TrainResult,
-    check_finite,
     encode_prompt_completions,
     encoded_lengths,
-    eval_shard,
-    format_metrics,
-    load_checkpoint,
-    load_pretrained,
-    load_tokenizer,
-    make_optimizer,
-    make_scheduler,
-    one_writer_per_output_dir,
-    pad_right,
-    plan_steps,
     resolve_chat_template,
-    save_checkpoint,
-    save_model_folder,
-    sequence_logprobs,
-    simulate_kill,
-    start_run,
 )
+from openrlaif.data.datasets import BUILTIN_DATASETS, load_pairs
+from openrlaif.data.examples import SFTExample, parse_sft_row
+from openrlaif.data.io import read_records
+from openrlaif.errors import ConfigError
+from openrlaif.models.loading import load_pretrained, load_tokenizer
+from openrlaif.models.logprobs import IGNORE_INDEX, sequence_logprobs
+from openrlaif.training.batching import ShardedBatches, eval_shard, pad_right
+from openrlaif.training.checkpoint import save_checkpoint, save_model_folder
+from openrlaif.training.config import TrainConfig
+from openrlaif.training.errors import TrainingError, check_finite
+from openrlaif.training.metrics import Throughput, format_metrics
+from openrlaif.training.run import TrainResult, one_writer_per_output_dir, start_run
+from openrlaif.training.step import finish_step, start_steps
 
 
 class SFTConfig(TrainConfig):
@@ -78,22 +64,6 @@ class SFTConfig(TrainConfig):
 
 
 # ---------------------------------------------------------------- data
-
-
-@dataclass
-class SFTExample:
-    id: str
-    prompt: str
-    completion: str
-
-
-def parse_sft_row(row: dict[str, Any], line: int) -> SFTExample:
-    key = "completion" if "completion" in row else "response" if "response" in row else None
-    if key is None:
-        raise RowError(
-            "missing field 'completion' (SFT rows are 'prompt' + 'completion'; 'response' also works)"
-        )
-    return SFTExample(_row_id(row, line), _text(row, "prompt"), _text(row, key))
 
 
 def load_sft_examples(source: str, limit: int | None = None) -> list[SFTExample]:
@@ -200,7 +170,7 @@ def evaluate(
 @one_writer_per_output_dir
 def train_sft(config: SFTConfig, resume: bool = False, show_progress: bool = True) -> TrainResult:
     """Train; with `resume`, continue from the newest checkpoint in `output_dir` exactly."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # why: transformers is slow to import
 
     run = start_run(config, resume, load_sft_examples)
     accelerator, output_dir, checkpoint, source = run.accelerator, run.output_dir, run.checkpoint, run.source
@@ -221,14 +191,11 @@ def train_sft(config: SFTConfig, resume: bool = False, show_progress: bool = Tru
         config.seed,
         lengths,
     )
-    total_steps = plan_steps(config, loader, len(train_set), accelerator.num_processes)
-    optimizer = make_optimizer(model, config)
-    scheduler = make_scheduler(optimizer, config, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    start_step = load_checkpoint(checkpoint, accelerator, optimizer, scheduler, loader) if checkpoint else 0
-
-    logger = MetricsLogger(accelerator, output_dir, config, total_steps, start_step, "SFT", show_progress)
-    ids_log = ExampleIdLog(output_dir, accelerator.process_index, config.record_example_ids)
+    parts = start_steps(
+        config, accelerator, model, loader, len(train_set), output_dir, checkpoint, "SFT", show_progress
+    )
+    model, optimizer, scheduler, logger = parts.model, parts.optimizer, parts.scheduler, parts.logger
+    total_steps, start_step = parts.total_steps, parts.start_step
     global_batch = config.batch_size * config.grad_accum_steps * accelerator.num_processes
     logger.print(
         f"SFT: {len(train_set)} training / {len(held_out)} held-out examples"
@@ -244,7 +211,7 @@ def train_sft(config: SFTConfig, resume: bool = False, show_progress: bool = Tru
         logger.print(f"step 0 (before training): {format_metrics(first_metrics)}")
 
     last_checkpoint = checkpoint.path if checkpoint else None
-    throughput = Throughput()
+    throughput = parts.throughput = Throughput()  # training time starts here, after the first evaluation
     model.train()
     try:
         for step in range(start_step + 1, total_steps + 1):
@@ -268,25 +235,8 @@ def train_sft(config: SFTConfig, resume: bool = False, show_progress: bool = Tru
                 torch.stack([mean_loss, mean_loss.new_tensor(samples), mean_loss.new_tensor(tokens)]), "sum"
             )
             loss_value = totals[0].item() / accelerator.num_processes
-            check_finite(step, "loss", loss_value, last_checkpoint)  # before the optimizer can use it
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or math.inf)
-            check_finite(step, "gradient norm", grad_norm, last_checkpoint)
-            learning_rate = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            ids_log.write(step, ids)
-
-            metrics = {"train/loss": loss_value, "train/learning_rate": learning_rate}
-            if grad_norm is not None:
-                metrics["train/grad_norm"] = float(grad_norm)
-            metrics |= {
-                f"train/{k}": v for k, v in throughput.rates(totals[1].item(), totals[2].item()).items()
-            }
-            if step % config.log_every == 0 or step == total_steps:
-                logger.log(step, metrics)
-            logger.advance(step, f"loss {loss_value:.4f}")
-            simulate_kill(step)
+            finish_step(parts, step, loss_value, {"train/loss": loss_value}, totals[1].item(), totals[2].item(), ids,
+                        last_checkpoint, f"loss {loss_value:.4f}")  # fmt: skip
 
             if held_out and (step == total_steps or (config.eval_every and step % config.eval_every == 0)):
                 final_metrics = evaluate(model, held_out, tokenizer, config, accelerator, chat)

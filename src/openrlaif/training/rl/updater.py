@@ -1,0 +1,71 @@
+"""RL's optimizer and its step: one AdamW over the policy and the value model, and `Updater.step`,
+one optimizer step over micro-batches whose losses are shares of the batch's."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from openrlaif.training.optim import adamw
+from openrlaif.training.rl.config import RLBaseConfig, ValueModelConfig
+from openrlaif.training.rl.rollout import Rows, checkpointed_layers
+from openrlaif.training.step import optimizer_step
+
+
+def make_rl_optimizer(
+    policy: torch.nn.Module, value_model: torch.nn.Module | None, config: RLBaseConfig
+) -> torch.optim.Optimizer:
+    """AdamW over the policy and the value model (at `value_learning_rate`, default the policy's);
+    fused and with weight decay on matrices only, as every trainer's (`training/optim.py`)."""
+    models = [(policy, config.learning_rate)]
+    if value_model is not None:
+        assert isinstance(config, ValueModelConfig)
+        models.append((value_model, config.value_learning_rate or config.learning_rate))
+    return adamw(config, models)
+
+
+@dataclass
+class Updater:
+    """What an optimizer step needs, for `step`."""
+
+    accelerator: Any
+    optimizer: torch.optim.Optimizer
+    models: list[torch.nn.Module]  # the trained (possibly DDP-wrapped) models
+    max_grad_norm: float | None
+    checkpointing: bool  # the training forwards under `checkpointed_layers`
+
+    def step(
+        self, micro_batches: Sequence[Rows], loss_of: Callable[[Rows], dict[str, torch.Tensor]], step: int,
+        last_checkpoint: Path | None,
+    ) -> dict[str, torch.Tensor]:  # fmt: skip
+        """One optimizer step over `micro_batches`. `loss_of(rows)` returns a micro-batch's share of
+        the batch's "loss" and of each logged statistic (sums over its rows divided by the whole
+        batch's counts), so the accumulated gradient is the batch's whatever the split. Gradients
+        are all-reduced (DDP) once, on the last micro-batch; then the loss and the gradient norm
+        must be finite, the norm is clipped and the optimizer steps. Returns the summed shares and
+        the gradient norm."""
+        accelerator = self.accelerator
+        totals: dict[str, torch.Tensor] = {}
+        for i, rows in enumerate(micro_batches):
+            with contextlib.ExitStack() as stack:
+                if i < len(micro_batches) - 1:  # accumulate locally; the last backward all-reduces
+                    for model in self.models:
+                        stack.enter_context(accelerator.no_sync(model))
+                with accelerator.autocast(), checkpointed_layers(self.models, self.checkpointing):
+                    shares = loss_of(rows)
+                # accelerate divides by gradient_accumulation_steps (= grad_accum_steps); the shares
+                # already sum to the batch's loss
+                accelerator.backward(shares["loss"] * accelerator.gradient_accumulation_steps)
+            for name, value in shares.items():
+                totals[name] = totals[name] + value.detach() if name in totals else value.detach()
+        parameters = [p for model in self.models for p in model.parameters()]
+        grad_norm = optimizer_step(
+            accelerator, parameters, self.optimizer, self.max_grad_norm, step,
+            accelerator.reduce(totals["loss"], "mean"), last_checkpoint,
+        )  # fmt: skip
+        return totals | {"grad_norm": torch.as_tensor(float(grad_norm))}

@@ -1,0 +1,124 @@
+"""A training run's frame: its output folder (one writer at a time, the checkpoint to resume
+from, the resolved config), the opening every supervised trainer shares (`start_run`), and what
+a trainer returns (`TrainResult`)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import yaml
+
+from openrlaif.data.io import write_text_atomic
+from openrlaif.data.lock import one_writer
+from openrlaif.errors import ConfigError
+from openrlaif.models.loading import quiet_transformers
+from openrlaif.models.names import resolve_model_path
+from openrlaif.training.accelerator import make_accelerator, set_seed
+from openrlaif.training.batching import split_held_out
+from openrlaif.training.checkpoint import Checkpoint, latest_checkpoint
+from openrlaif.training.config import TrainConfig
+from openrlaif.training.metrics import truncate_jsonl
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+KILL_ENV = "OPENRLAIF_KILL_AT_STEP"  # testing aid, see `simulate_kill`
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    model_dir: Path  # the final HF model folder
+    steps: int
+    metrics: dict[str, float]  # the final held-out metrics
+    first_metrics: dict[str, float] | None  # held-out metrics before training (None when resumed)
+    model: torch.nn.Module  # the trained model (unwrapped), for programmatic use
+
+
+def prepare_run(
+    config: TrainConfig, resume: bool, accelerator: Accelerator
+) -> tuple[Path, Checkpoint | None]:
+    """Create the output dir, find the checkpoint to resume from, save the resolved config."""
+    out = Path(config.output_dir)
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is not None and not resume:
+        raise ConfigError(
+            f"output_dir {out} already has a checkpoint (step {checkpoint.step}); "
+            "pass --resume to continue that run, or choose another output_dir"
+        )
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        config_file = out / "config.yaml"
+        current = config.model_dump(mode="json")
+        if checkpoint is not None and config_file.exists():
+            before = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+            changed = sorted(k for k in set(before) | set(current) if before.get(k) != current.get(k))
+            if changed:
+                print(f"note: resuming with changed settings: {', '.join(changed)}")
+        write_text_atomic(config_file, yaml.safe_dump(current, sort_keys=False))
+        keep = checkpoint.step if checkpoint else -1
+        truncate_jsonl(out / "metrics.jsonl", keep)
+        for ids_file in out.glob("example_ids.rank*.jsonl"):
+            truncate_jsonl(ids_file, keep)
+    accelerator.wait_for_everyone()
+    return out, checkpoint
+
+
+def one_writer_per_output_dir(train: Callable[..., TrainResult]) -> Callable[..., TrainResult]:
+    """Decorates a trainer: its `output_dir` takes one writer, and a second run on it is refused at
+    once (data/lock.py). Under a launcher the main process (RANK 0) holds the lock for the launch;
+    if it is refused it exits, and the launcher stops the other processes."""
+
+    @functools.wraps(train)
+    def run(config: TrainConfig, *args: Any, **kwargs: Any) -> TrainResult:
+        if int(os.environ.get("RANK", "0")) != 0:
+            return train(config, *args, **kwargs)
+        with one_writer(config.output_dir):
+            return train(config, *args, **kwargs)
+
+    return run
+
+
+@dataclass
+class RunStart:
+    """What the supervised trainers (SFT, RM, DPO) have in hand before they load a model."""
+
+    accelerator: Accelerator
+    output_dir: Path
+    checkpoint: Checkpoint | None  # the one to resume from
+    train_set: list[Any]
+    held_out: list[Any]
+    source: str  # where to load the model from: the checkpoint's folder when resuming, else `model`
+
+
+def start_run(
+    config: TrainConfig, resume: bool, load_examples: Callable[[str, int | None], Sequence[Any]]
+) -> RunStart:
+    """The opening the supervised trainers share: quiet library logs, the accelerator, the run
+    folder (and the checkpoint to resume from), the seed, the data and its held-out split."""
+    quiet_transformers()
+    accelerator = make_accelerator(config)
+    output_dir, checkpoint = prepare_run(config, resume, accelerator)
+    set_seed(config.seed)
+    # The held-out split depends only on the seed, so a resumed run gets the same one.
+    examples = load_examples(config.data, config.limit)
+    eval_examples = load_examples(config.eval_data, None) if config.eval_data else None
+    train_set, held_out = split_held_out(examples, config, eval_examples)
+    # from the checkpoint when resuming (the folder holds the tokenizer, and any head, too)
+    with accelerator.main_process_first():  # a `tiny:` model is built once
+        source = str(checkpoint.model_dir) if checkpoint else resolve_model_path(config.model)
+    return RunStart(accelerator, output_dir, checkpoint, train_set, held_out, source)
+
+
+def simulate_kill(step: int) -> None:
+    """Testing aid: with `OPENRLAIF_KILL_AT_STEP=k` the process SIGKILLs itself right after the
+    optimizer step k, before step k's checkpoint: a crash or a preempted job, no clean-up at all."""
+    if os.environ.get(KILL_ENV) == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
