@@ -254,12 +254,15 @@ def read_prompts(path: str | Path, skip_invalid: bool = False) -> ReadResult[Pro
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
+SQLITE_FULL = 13  # sqlite3.SQLITE_FULL, which Python has only from 3.11
+
+
 def is_disk_full(error: BaseException) -> bool:
     """No space left on the device, or over the quota, whoever reports it."""
     if isinstance(error, OSError):
         return error.errno in DISK_FULL_ERRNOS
     if isinstance(error, sqlite3.Error):
-        return getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(error)
+        return getattr(error, "sqlite_errorcode", None) == SQLITE_FULL or "disk is full" in str(error)
     # libraries written in other languages (safetensors' Rust) say it only in words
     return any(f"os error {code}" in str(error) for code in DISK_FULL_ERRNOS)
 
@@ -277,7 +280,7 @@ def disk_full_error(path: str | Path) -> Iterator[None]:
         raise
 
 
-def write_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
+def write_atomic(path: str | Path, write: Callable[[Path], object]) -> None:
     """`write(tmp)` a temp file beside `path`, fsync it and rename it into place: a reader, or a
     run killed midway, never sees half a file. One writer at a time (data/lock.py); a full disk is
     one line naming `path`, and the temp file is removed so its space comes back."""

@@ -36,7 +36,7 @@ class ValueHeadModel(nn.Module):
     alone with `AutoModel`, so an RL value model can start from it.
     """
 
-    def __init__(self, body: nn.Module) -> None:
+    def __init__(self, body: Any) -> None:  # a transformers model without its LM head
         super().__init__()
         self.body = body
         self.config = body.config

@@ -120,7 +120,7 @@ def load_causal_lm(
     common: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **common)
-        model = AutoModelForCausalLM.from_pretrained(
+        model: Any = AutoModelForCausalLM.from_pretrained(
             name, dtype=dtype, device_map=str(device) if device.type == "cuda" else None, **common
         )
     except (OSError, ValueError, KeyError, ImportError, RuntimeError) as e:

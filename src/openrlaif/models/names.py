@@ -49,14 +49,14 @@ def _builtin(name: str) -> str:
 
 def _tiny(name: str) -> str:
     arch = name.removeprefix("tiny:")
-    if arch not in ("gpt2", "llama"):
+    if arch != "gpt2" and arch != "llama":
         raise ConfigError(f"model: {name!r} is not a tiny test model (tiny:gpt2, tiny:llama)")
     root = models_dir()
     path = root / f"tiny-{arch}"
     if not (path / "config.json").exists():
         tmp = root / f".tiny-{arch}.{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        build_tiny_causal_lm(tmp, arch=arch, seed=0 if arch == "gpt2" else 1)
+        build_tiny_causal_lm(tmp, arch="gpt2" if arch == "gpt2" else "llama", seed=0 if arch == "gpt2" else 1)
         try:
             os.replace(tmp, path)  # atomic; a concurrent builder may have won the race
         except OSError:

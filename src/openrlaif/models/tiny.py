@@ -103,20 +103,21 @@ def build_tiny_causal_lm(
     out = Path(out_dir)
     tokenizer = train_tokenizer(texts if texts is not None else hh_corpus(), arch, vocab_size)
     torch.manual_seed(seed)
+    model: GPT2LMHeadModel | LlamaForCausalLM
     if arch == "gpt2":
-        config = GPT2Config(
+        gpt2 = GPT2Config(
             vocab_size=len(tokenizer), n_positions=max_positions, n_embd=hidden_size, n_layer=num_layers,
             n_head=num_heads, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         )  # fmt: skip
-        model = GPT2LMHeadModel(config)
+        model = GPT2LMHeadModel(gpt2)
     else:
-        config = LlamaConfig(
+        llama = LlamaConfig(
             vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
             num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=max(1, num_heads // 2),
             max_position_embeddings=max_positions, bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
         )  # fmt: skip
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(llama)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -13,7 +13,7 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -44,12 +44,13 @@ def rng_state() -> dict[str, Any]:
     """Python, NumPy and torch (CPU and CUDA) RNG states as JSON: dropout and sampling resume exactly."""
     np_state = np.random.get_state()
     version, internal, gauss = random.getstate()
+    np_kind, np_keys, *np_rest = cast(tuple[Any, ...], np_state)  # the legacy tuple form
     state: dict[str, Any] = {
         "python": [version, list(internal), gauss],
         "numpy": [
-            np_state[0],
-            np_state[1].tolist(),
-            *[v.item() if hasattr(v, "item") else v for v in np_state[2:]],
+            np_kind,
+            np_keys.tolist(),
+            *[v.item() if hasattr(v, "item") else v for v in np_rest],
         ],
         "torch": _encode_bytes(torch.get_rng_state()),
     }

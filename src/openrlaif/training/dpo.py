@@ -241,7 +241,7 @@ def disable_dropout(model: torch.nn.Module) -> None:
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
+            setattr(module, "attention_dropout", 0.0)  # noqa: B010 (not a declared attribute of Module)
 
 
 # ---------------------------------------------------------------- log-probs
@@ -364,7 +364,7 @@ def compute_reference_logprobs(
         indices = order[start : start + batch_size]
         batch = collate(
             [examples[i] for i in indices], dummy, tokenizer, config.max_length, config.append_eos,
-            config.share_prompt, chat, config.pad_to_multiple_of,
+            config.share_prompt is True, chat, config.pad_to_multiple_of,
         ).to(accelerator.device)  # fmt: skip
         with accelerator.autocast():  # the same precision as the policy's forward in training
             logp = response_logprobs(model, batch)
@@ -482,7 +482,7 @@ def evaluate(
             tokenizer,
             config.max_length,
             config.append_eos,
-            config.share_prompt,
+            config.share_prompt is True,  # resolved from auto before any batch is built
             chat,
             config.pad_to_multiple_of,
         ).to(accelerator.device)
@@ -593,7 +593,7 @@ def train_dpo(config: DPOConfig, resume: bool = False, show_progress: bool = Tru
     try:
         for step in range(start_step + 1, total_steps + 1):
             sums = torch.zeros(N_SUMS, dtype=torch.float64, device=accelerator.device)
-            samples, tokens, ids = 0, 0, []
+            samples, tokens, ids = 0, 0, list[str]()
             for _ in range(config.grad_accum_steps):
                 indices = loader.next_batch()
                 chunk = [train_set[i] for i in indices]
@@ -603,7 +603,7 @@ def train_dpo(config: DPOConfig, resume: bool = False, show_progress: bool = Tru
                     tokenizer,
                     config.max_length,
                     config.append_eos,
-                    config.share_prompt,
+                    config.share_prompt is True,  # resolved from auto before training
                     chat,
                     config.pad_to_multiple_of,
                 )

@@ -334,7 +334,7 @@ def train_reward_model(config: RewardConfig, resume: bool = False, show_progress
     try:
         for step in range(start_step + 1, total_steps + 1):
             sums = torch.zeros(7, dtype=torch.float64, device=accelerator.device)
-            samples, tokens, ids = 0, 0, []
+            samples, tokens, ids = 0, 0, list[str]()
             for _ in range(config.grad_accum_steps):
                 chunk = [train_set[i] for i in loader.next_batch()]
                 batch = collate(chunk, tokenizer, config.max_length, chat, config.pad_to_multiple_of)

@@ -215,7 +215,7 @@ def train_sft(config: SFTConfig, resume: bool = False, show_progress: bool = Tru
     model.train()
     try:
         for step in range(start_step + 1, total_steps + 1):
-            losses, samples, tokens, ids = [], 0, 0, []
+            losses, samples, tokens, ids = [], 0, 0, list[str]()
             for _ in range(config.grad_accum_steps):
                 chunk = [train_set[i] for i in loader.next_batch()]
                 batch = collate(

@@ -91,11 +91,11 @@ def finish_step(
         parts.accelerator, parts.model.parameters(), parts.optimizer, config.max_grad_norm, step, loss,
         last_checkpoint,
     )  # fmt: skip
-    learning_rate = parts.scheduler.get_last_lr()[0]  # the rate this step used
+    learning_rate = float(parts.scheduler.get_last_lr()[0])  # the rate this step used
     parts.scheduler.step()
     parts.ids_log.write(step, ids)
 
-    row = {**metrics, "train/learning_rate": learning_rate}
+    row: dict[str, float] = {**metrics, "train/learning_rate": learning_rate}
     if grad_norm is not None:
         row["train/grad_norm"] = float(grad_norm)
     row |= {f"train/{k}": v for k, v in parts.throughput.rates(samples, tokens).items()}

@@ -318,7 +318,7 @@ def score_rollout(
             response_values(value_model, seqs.rows(rows)) if value_model is not None else None,
         )
 
-    training_pass = forward
+    training_pass: Callable[[Rows], PolicyPass] = forward
     if fused:
         trained = [model for model in (policy, value_model) if model is not None]
         with accelerator.autocast(), checkpointed_layers(trained, checkpointing):
