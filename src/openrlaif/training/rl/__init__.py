@@ -8,7 +8,7 @@ The objective (the paper's, β = 0.05 by default):
 where π_ref is the frozen SFT model the policy starts from. Every step:
 
 1. take `batch_size` prompts per process (sharded across processes like the other trainers);
-2. sample `num_samples` (K) responses per prompt from the current policy (`generation.sample`,
+2. sample `num_samples` (K) responses per prompt from the current policy (`inference.local.sample`,
    temperature 0.9, a new seed each step), in process or through an OpenAI-compatible server
    (`rollout_server`: vLLM, SGLang) that reloads the policy from disk every `sync_every` steps;
 3. reward each response, from `reward.type`:
