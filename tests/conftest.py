@@ -28,6 +28,14 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny-llama"), arch="llama", seed=1)
 
 
+@pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Gemma 3's attention pattern (sliding-window layers of 16 tokens, then a full one), no chat template."""
+    from openrlaif.models.tiny import build_tiny_causal_lm
+
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny-gemma3"), arch="gemma3", num_layers=3, seed=2)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Never touch the user's real judgment cache from a test."""

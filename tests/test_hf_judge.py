@@ -39,8 +39,8 @@ def pairs() -> list[tuple[str, str, str]]:
 
 
 @pytest.fixture(scope="module")
-def model_dirs(tiny_gpt2: Path, tiny_llama: Path) -> dict[str, Path]:
-    return {"gpt2": tiny_gpt2, "llama": tiny_llama}
+def model_dirs(tiny_gpt2: Path, tiny_llama: Path, tiny_gemma3: Path) -> dict[str, Path]:
+    return {"gpt2": tiny_gpt2, "llama": tiny_llama, "gemma3": tiny_gemma3}
 
 
 def make_judge(path: Path, **overrides: Any) -> HFJudge:
@@ -121,7 +121,7 @@ def both_orders(pairs: list[tuple[str, str, str]]) -> list[OrderedPair]:
 # ------------------------------------------------------------ (a)+(b) batched + cached == reference
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [*ARCHS, "gemma3"])
 def test_soft_labels_match_the_unbatched_full_prompt_reference(
     arch: str, model_dirs: dict[str, Path], pairs: list[tuple[str, str, str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -137,6 +137,7 @@ def test_soft_labels_match_the_unbatched_full_prompt_reference(
             judge = make_judge(model_dirs[arch], batch_size=batch_size, reuse_prefix_cache=reuse)
             got = [j.p_first for j in judge.judge_orders(items)]
             assert got == pytest.approx(expected, abs=1e-4), (reuse, batch_size)
+            assert (judge._prefix_kv.get("pair") is not None) is reuse  # the cache really was reused
 
 
 def test_chat_template_off_changes_the_prompt(

@@ -45,6 +45,7 @@ from openrlaif.judges.tokens import (
     score_label_tokens,
     score_log_distribution,
 )
+from openrlaif.models.kv import attention_layout, cache_argument, output_cache, position_masks
 from openrlaif.models.loading import load_causal_lm, local_weights_stamp, resolve_device, resolve_dtype
 from openrlaif.models.logprobs import accepts_logits_to_keep
 
@@ -98,6 +99,8 @@ class HFJudge(Judge):
             (i for i in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id) if i is not None), 0
         )
         self._keeps_logits = accepts_logits_to_keep(self.model)
+        self._layout = attention_layout(self.model)
+        self._cache_arg = cache_argument(self.model)
 
         pair, score = self.templates.pairwise, self.templates.score
         # Shared prefix per kind: its ids, and (with a chat template) the text that closes the user
@@ -249,20 +252,50 @@ class HFJudge(Judge):
         if not self.config.reuse_prefix_cache:
             return None
         if kind not in self._prefix_kv:
-            from transformers.cache_utils import DynamicLayer
+            from transformers import DynamicCache  # why: start-up
+            from transformers.cache_utils import DynamicLayer  # why: start-up
 
-            ids = torch.tensor([self._prefix_ids[kind]], device=self.device)
-            with torch.inference_mode():
-                cache = self.model(input_ids=ids, use_cache=True, **self._keep_last).past_key_values
-            layers = getattr(cache, "layers", None)
-            # Only plain full-attention layers can be expanded and extended exactly; sliding-window
-            # or recurrent layers keep state that this reuse would get wrong.
-            if layers and all(type(layer) is DynamicLayer for layer in layers):
-                self._prefix_kv[kind] = [(layer.keys, layer.values) for layer in layers]
-            else:
-                logger.warning("hf judge: this model's cache cannot be reused; encoding the prefix per item")
+            why_not = self._why_no_reuse()
+            if why_not is None:
+                ids = torch.tensor([self._prefix_ids[kind]], device=self.device)
+                with torch.inference_mode():
+                    # A plain cache keeps every token, sliding-window layers too; the masks of the
+                    # later passes apply the windows (`position_masks`).
+                    out = self.model(
+                        input_ids=ids, use_cache=True, **{self._cache_arg: DynamicCache()}, **self._keep_last
+                    )
+                layers = output_cache(out).layers
+                if all(type(layer) is DynamicLayer for layer in layers):
+                    self._prefix_kv[kind] = [(layer.keys, layer.values) for layer in layers]
+                else:
+                    why_not = "its cache layers keep state that this reuse would get wrong"
+            if why_not is not None:
+                logger.warning(
+                    "hf judge: the prefix cache is not reused (%s); encoding the prefix per item", why_not
+                )
                 self._prefix_kv[kind] = None
         return self._prefix_kv[kind]
+
+    def _why_no_reuse(self) -> str | None:
+        """Why this model's keys and values cannot be reused exactly (None: they can)."""
+        if not self._layout.reusable:
+            return "the model has attention layers other than full and sliding-window ones"
+        attention = getattr(self.model.config, "_attn_implementation", None)
+        if self._layout.needs_masks and attention not in ("sdpa", "eager"):
+            return (
+                f"its sliding-window layers need per-layer masks, which {attention} attention does not take"
+            )
+        return None
+
+    def _masks(
+        self, query_positions: torch.Tensor, key_positions: torch.Tensor, key_valid: torch.Tensor
+    ) -> Any:
+        """The attention mask argument of a pass over cached rows: the 2-D padding mask for models
+        with plain causal layers, per-layer masks from true positions for sliding-window ones."""
+        if not self._layout.needs_masks:
+            return key_valid
+        attention = self.model.config._attn_implementation
+        return position_masks(self._layout, query_positions, key_positions, key_valid, attention, self.dtype)
 
     @property
     def _keep_last(self) -> dict[str, Any]:
@@ -324,17 +357,20 @@ class HFJudge(Judge):
                 [group[0][:s] for group, s in zip(groups, shared, strict=True)]
             )
             context_mask = torch.cat([context_mask, head_mask], dim=1)
+            head_positions = n_prefix + torch.arange(heads.shape[1], device=self.device).expand(n_groups, -1)
+            context_positions = torch.arange(context_mask.shape[1], device=self.device).expand(n_groups, -1)
+            cache = DynamicCache(
+                [(k.expand(n_groups, -1, -1, -1), v.expand(n_groups, -1, -1, -1)) for k, v in prefix_kv]
+            )
             out = self.model(
                 input_ids=heads,
-                attention_mask=context_mask,
-                position_ids=n_prefix + torch.arange(heads.shape[1], device=self.device).expand(n_groups, -1),
-                past_key_values=DynamicCache(
-                    [(k.expand(n_groups, -1, -1, -1), v.expand(n_groups, -1, -1, -1)) for k, v in prefix_kv]
-                ),
+                attention_mask=self._masks(head_positions, context_positions, context_mask),
+                position_ids=head_positions,
                 use_cache=True,
+                **{self._cache_arg: cache},
                 **self._keep_last,
             )
-            context_kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+            context_kv = [(layer.keys, layer.values) for layer in output_cache(out).layers]
 
         # Stage 2: each row's own tokens, attending to the prefix and its group's tokens (a group
         # padded to the longest in the batch is masked out, so positions continue without gaps).
@@ -348,15 +384,21 @@ class HFJudge(Judge):
         width = tails.shape[1]
         lengths = tail_mask.sum(dim=1)
         positions = lengths[:, None] - n_last + torch.arange(n_last, device=self.device)[None, :]
+        tail_positions = (n_prefix + row_shared)[:, None] + torch.arange(width, device=self.device)[None, :]
+        row_context = context_mask.index_select(0, group_of)
+        context_positions = torch.arange(row_context.shape[1], device=self.device).expand(len(rows), -1)
+        cache = DynamicCache([(_rows_of(k, group_of), _rows_of(v, group_of)) for k, v in context_kv])
         return self._read(
             positions,
             input_ids=tails,
-            attention_mask=torch.cat([context_mask.index_select(0, group_of), tail_mask], dim=1),
-            position_ids=(n_prefix + row_shared)[:, None] + torch.arange(width, device=self.device)[None, :],
-            past_key_values=DynamicCache(
-                [(_rows_of(k, group_of), _rows_of(v, group_of)) for k, v in context_kv]
+            attention_mask=self._masks(
+                tail_positions,
+                torch.cat([context_positions, tail_positions], dim=1),
+                torch.cat([row_context, tail_mask], dim=1),
             ),
+            position_ids=tail_positions,
             use_cache=True,
+            **{self._cache_arg: cache},
         )
 
     def _full_log_probs(self, kind: str, rows: Sequence[list[int]], n_last: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ from typing import Literal
 
 from openrlaif.data.datasets import load_pairs
 
-Arch = Literal["gpt2", "llama"]
+Arch = Literal["gpt2", "llama", "gemma3"]  # gemma3: sliding-window and full attention layers, as Gemma 3
 
 LLAMA_CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n{% endfor %}"
@@ -94,22 +94,47 @@ def build_tiny_causal_lm(
     max_positions: int = 2048,
     seed: int = 0,
     texts: list[str] | None = None,
+    sliding_window: int = 16,
 ) -> Path:
-    """Train a tokenizer, build a random-weight model of `arch`, save both to `out_dir`."""
+    """Train a tokenizer, build a random-weight model of `arch`, save both to `out_dir`.
+
+    `gemma3` has Gemma 3's layer pattern (sliding-window layers, the last one full attention; a
+    window of `sliding_window` tokens, short so that tests cross it) and, as the base Gemma 3
+    models, no chat template."""
     # why: torch and transformers are slow to import, and only building a model needs them
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     out = Path(out_dir)
-    tokenizer = train_tokenizer(texts if texts is not None else hh_corpus(), arch, vocab_size)
+    tokenizer = train_tokenizer(
+        texts if texts is not None else hh_corpus(), "gpt2" if arch == "gpt2" else "llama", vocab_size
+    )
     torch.manual_seed(seed)
-    model: GPT2LMHeadModel | LlamaForCausalLM
+    model: GPT2LMHeadModel | LlamaForCausalLM | Gemma3ForCausalLM
     if arch == "gpt2":
         gpt2 = GPT2Config(
             vocab_size=len(tokenizer), n_positions=max_positions, n_embd=hidden_size, n_layer=num_layers,
             n_head=num_heads, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         )  # fmt: skip
         model = GPT2LMHeadModel(gpt2)
+    elif arch == "gemma3":
+        tokenizer.chat_template = None
+        gemma = Gemma3TextConfig(
+            vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+            num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=1,
+            head_dim=hidden_size // num_heads, max_position_embeddings=max_positions, sliding_window=sliding_window,
+            layer_types=["sliding_attention"] * (num_layers - 1) + ["full_attention"],
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+        )  # fmt: skip
+        model = Gemma3ForCausalLM(gemma)
     else:
         llama = LlamaConfig(
             vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
