@@ -64,11 +64,9 @@ from openrlaif.models.loading import load_pretrained, load_tokenizer
 from openrlaif.models.logprobs import IGNORE_INDEX, accepts_logits_to_keep, token_logprobs
 from openrlaif.models.names import resolve_model_path
 from openrlaif.training.batching import ShardedBatches, eval_shard, pad_right
-from openrlaif.training.checkpoint import save_checkpoint, save_model_folder
 from openrlaif.training.config import TrainConfig
-from openrlaif.training.errors import check_finite
 from openrlaif.training.losses import dpo_loss
-from openrlaif.training.metrics import Throughput, format_metrics
+from openrlaif.training.metrics import Throughput
 from openrlaif.training.reward import agreement, load_preference_examples
 from openrlaif.training.run import TrainResult, one_writer_per_output_dir, start_run
 from openrlaif.training.step import finish_step, start_steps
@@ -566,32 +564,26 @@ def train_dpo(config: DPOConfig, resume: bool = False, show_progress: bool = Tru
     parts = start_steps(
         config, accelerator, model, loader, len(train_set), output_dir, checkpoint, "DPO", show_progress
     )
-    model, optimizer, scheduler, logger = parts.model, parts.optimizer, parts.scheduler, parts.logger
-    total_steps, start_step = parts.total_steps, parts.start_step
-    global_batch = config.batch_size * config.grad_accum_steps * accelerator.num_processes
+    model, logger, total_steps = parts.model, parts.logger, parts.total_steps
     layout = "prompt shared: one packed row per pair" if packed else "chosen and rejected as separate rows"
+    reference = (f"reference log-probs computed in {ref_seconds:.1f} s -> {ref_file}" if ref_seconds else
+                 f"reference log-probs read from {ref_file}")  # fmt: skip
     logger.print(
-        f"DPO (beta {config.beta}): {len(train_set)} training / {len(held_out)} held-out pairs"
-        f"{' (chat template)' if chat else ''}; {layout}{layout_note}; "
-        f"{total_steps} steps of {global_batch} pairs ({config.batch_size} x {config.grad_accum_steps} accumulation x "
-        f"{accelerator.num_processes} process(es)); {accelerator.device}, mixed precision {accelerator.mixed_precision}"
-        + (f"; reference log-probs computed in {ref_seconds:.1f} s -> {ref_file}" if ref_seconds else
-           f"; reference log-probs read from {ref_file}")
-        + (f"; resuming after step {start_step} from {checkpoint.path}" if checkpoint else "")
+        parts.plan_line(f"DPO (beta {config.beta})", "pairs", len(train_set), len(held_out), chat,
+                  extra=f"{layout}{layout_note}", after=reference)
     )  # fmt: skip
+    last_checkpoint = checkpoint.path if checkpoint else None
     first_metrics = final_metrics = None
-    if start_step == 0 and held_out:
+    if parts.start_step == 0 and held_out:
         first_metrics = evaluate(
             model, held_out, ref_held_out, tokenizer, config, accelerator, chat, held_out_lengths
         )
-        logger.log(0, first_metrics)
-        logger.print(f"step 0 (before training): {format_metrics(first_metrics)}")
+        parts.log_held_out(0, first_metrics, last_checkpoint)
 
-    last_checkpoint = checkpoint.path if checkpoint else None
     throughput = parts.throughput = Throughput()  # training time starts here, after the first evaluation
     model.train()
     try:
-        for step in range(start_step + 1, total_steps + 1):
+        for step in range(parts.start_step + 1, total_steps + 1):
             sums = torch.zeros(N_SUMS, dtype=torch.float64, device=accelerator.device)
             samples, tokens, ids = 0, 0, list[str]()
             for _ in range(config.grad_accum_steps):
@@ -627,17 +619,13 @@ def train_dpo(config: DPOConfig, resume: bool = False, show_progress: bool = Tru
             finish_step(parts, step, train_metrics["train/loss"], metrics, totals[N_SUMS].item(),
                         totals[N_SUMS + 1].item(), ids, last_checkpoint, f"loss {train_metrics['train/loss']:.4f}")  # fmt: skip
 
-            if held_out and (step == total_steps or (config.eval_every and step % config.eval_every == 0)):
+            if held_out and parts.eval_due(step):
                 final_metrics = evaluate(
                     model, held_out, ref_held_out, tokenizer, config, accelerator, chat, held_out_lengths
                 )
-                check_finite(step, "held-out loss", final_metrics["eval/loss"], last_checkpoint)
-                logger.log(step, {k: v for k, v in final_metrics.items() if not math.isnan(v)})
-                logger.print(f"step {step}: {format_metrics(final_metrics)}")
-            if step % config.save_every == 0 or step == total_steps:
-                last_checkpoint = save_checkpoint(
-                    accelerator, output_dir, step, model, tokenizer, optimizer, scheduler, loader, config.keep_checkpoints
-                )  # fmt: skip
+                parts.log_held_out(step, final_metrics, last_checkpoint)
+            if parts.save_due(step):
+                last_checkpoint = parts.save(step, tokenizer)
             throughput.started = time.perf_counter()  # eval and saving are not training time
     finally:
         logger.close()
@@ -646,11 +634,4 @@ def train_dpo(config: DPOConfig, resume: bool = False, show_progress: bool = Tru
         final_metrics = evaluate(
             model, held_out, ref_held_out, tokenizer, config, accelerator, chat, held_out_lengths
         )
-    model_dir = output_dir / "model"
-    save_model_folder(accelerator, model, tokenizer, model_dir)
-    accelerator.wait_for_everyone()
-    logger.print(f"DPO done: {total_steps} steps; model -> {model_dir}")
-    return TrainResult(
-        output_dir=output_dir, model_dir=model_dir, steps=total_steps, metrics=final_metrics or {},
-        first_metrics=first_metrics, model=accelerator.unwrap_model(model),
-    )  # fmt: skip
+    return parts.finish(tokenizer, "DPO", first_metrics, final_metrics)

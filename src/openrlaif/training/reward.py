@@ -46,19 +46,15 @@ from openrlaif.data.chat import (
     encoded_lengths,
     resolve_chat_template,
 )
-from openrlaif.data.datasets import BUILTIN_DATASETS, load_pairs
 from openrlaif.data.examples import PreferenceExample, parse_preference_row
-from openrlaif.data.io import read_records
 from openrlaif.errors import ConfigError
 from openrlaif.models.heads import ValueHeadModel
 from openrlaif.models.loading import load_model_config, load_pretrained, load_tokenizer, quiet_transformers
 from openrlaif.training.batching import ShardedBatches, eval_shard, pad_right
-from openrlaif.training.checkpoint import save_checkpoint, save_model_folder
 from openrlaif.training.config import TrainConfig
-from openrlaif.training.errors import TrainingError, check_finite
 from openrlaif.training.losses import soft_label_loss
-from openrlaif.training.metrics import Throughput, format_metrics
-from openrlaif.training.run import TrainResult, one_writer_per_output_dir, start_run
+from openrlaif.training.metrics import Throughput
+from openrlaif.training.run import TrainResult, one_writer_per_output_dir, read_examples, start_run
 from openrlaif.training.step import finish_step, start_steps
 
 ModelType = Literal["sequence_classification", "causal_lm_value_head"]
@@ -82,20 +78,11 @@ class RewardConfig(TrainConfig):
 
 
 def load_preference_examples(source: str, limit: int | None = None) -> list[PreferenceExample]:
-    if source in BUILTIN_DATASETS:  # people's choices: hard labels that are also human labels
-        examples = [
-            PreferenceExample(p.id, p.prompt, p.response_a, p.response_b, 1.0, 1.0)
-            for p in load_pairs(source).records
-        ]
-    elif Path(source).exists():
-        examples = read_records(source, parse_preference_row).records
-    else:
-        names = ", ".join(sorted(BUILTIN_DATASETS))
-        raise ConfigError(f"data: {source!r} is neither a built-in dataset ({names}) nor an existing file")
-    examples = examples[:limit] if limit is not None else examples
-    if not examples:
-        raise TrainingError(f"{source}: no examples")
-    return examples
+    # a built-in dataset: people's choices, hard labels that are also human labels
+    return read_examples(
+        source, limit, lambda p: PreferenceExample(p.id, p.prompt, p.response_a, p.response_b, 1.0, 1.0),
+        parse_preference_row,
+    )  # fmt: skip
 
 
 @dataclass
@@ -312,27 +299,20 @@ def train_reward_model(config: RewardConfig, resume: bool = False, show_progress
         "reward model",
         show_progress,
     )
-    model, optimizer, scheduler, logger = parts.model, parts.optimizer, parts.scheduler, parts.logger
-    total_steps, start_step = parts.total_steps, parts.start_step
-    global_batch = config.batch_size * config.grad_accum_steps * accelerator.num_processes
+    model, logger, total_steps = parts.model, parts.logger, parts.total_steps
     logger.print(
-        f"Reward model ({config.model_type}): {len(train_set)} training / {len(held_out)} held-out pairs"
-        f"{' (chat template)' if chat else ''}; "
-        f"{total_steps} steps of {global_batch} pairs ({config.batch_size} x {config.grad_accum_steps} accumulation x "
-        f"{accelerator.num_processes} process(es)); {accelerator.device}, mixed precision {accelerator.mixed_precision}"
-        + (f"; resuming after step {start_step} from {checkpoint.path}" if checkpoint else "")
+        parts.plan_line(f"Reward model ({config.model_type})", "pairs", len(train_set), len(held_out), chat)
     )
-    first_metrics = final_metrics = None
-    if start_step == 0 and held_out:
-        first_metrics = evaluate(model, held_out, tokenizer, config, accelerator, chat)
-        logger.log(0, first_metrics)
-        logger.print(f"step 0 (before training): {format_metrics(first_metrics)}")
-
     last_checkpoint = checkpoint.path if checkpoint else None
+    first_metrics = final_metrics = None
+    if parts.start_step == 0 and held_out:
+        first_metrics = evaluate(model, held_out, tokenizer, config, accelerator, chat)
+        parts.log_held_out(0, first_metrics, last_checkpoint)
+
     throughput = parts.throughput = Throughput()  # training time starts here, after the first evaluation
     model.train()
     try:
-        for step in range(start_step + 1, total_steps + 1):
+        for step in range(parts.start_step + 1, total_steps + 1):
             sums = torch.zeros(7, dtype=torch.float64, device=accelerator.device)
             samples, tokens, ids = 0, 0, list[str]()
             for _ in range(config.grad_accum_steps):
@@ -358,15 +338,11 @@ def train_reward_model(config: RewardConfig, resume: bool = False, show_progress
             finish_step(parts, step, train_metrics["train/loss"], metrics, totals[7].item(), totals[8].item(), ids,
                         last_checkpoint, f"loss {train_metrics['train/loss']:.4f}")  # fmt: skip
 
-            if held_out and (step == total_steps or (config.eval_every and step % config.eval_every == 0)):
+            if held_out and parts.eval_due(step):
                 final_metrics = evaluate(model, held_out, tokenizer, config, accelerator, chat)
-                check_finite(step, "held-out loss", final_metrics["eval/loss"], last_checkpoint)
-                logger.log(step, {k: v for k, v in final_metrics.items() if not math.isnan(v)})
-                logger.print(f"step {step}: {format_metrics(final_metrics)}")
-            if step % config.save_every == 0 or step == total_steps:
-                last_checkpoint = save_checkpoint(
-                    accelerator, output_dir, step, model, tokenizer, optimizer, scheduler, loader, config.keep_checkpoints
-                )  # fmt: skip
+                parts.log_held_out(step, final_metrics, last_checkpoint)
+            if parts.save_due(step):
+                last_checkpoint = parts.save(step, tokenizer)
                 if accelerator.is_main_process:
                     _write_metadata(last_checkpoint / "model", config, chat)
             throughput.started = time.perf_counter()  # eval and saving are not training time
@@ -375,17 +351,10 @@ def train_reward_model(config: RewardConfig, resume: bool = False, show_progress
 
     if final_metrics is None and held_out:  # resumed a finished run
         final_metrics = evaluate(model, held_out, tokenizer, config, accelerator, chat)
-    model_dir = output_dir / "model"
-    save_model_folder(accelerator, model, tokenizer, model_dir)
-    if accelerator.is_main_process:
-        _write_metadata(model_dir, config, chat)
-    accelerator.wait_for_everyone()
-    logger.print(
-        f"reward model done: {total_steps} steps; model -> {model_dir} (load it with RewardModel.from_pretrained)"
-    )
-    return TrainResult(
-        output_dir=output_dir, model_dir=model_dir, steps=total_steps, metrics=final_metrics or {},
-        first_metrics=first_metrics, model=accelerator.unwrap_model(model),
+    return parts.finish(
+        tokenizer, "reward model", first_metrics, final_metrics,
+        note=" (load it with RewardModel.from_pretrained)",
+        write_extra=lambda model_dir: _write_metadata(model_dir, config, chat),
     )  # fmt: skip
 
 

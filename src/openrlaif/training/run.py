@@ -1,6 +1,6 @@
 """A training run's frame: its output folder (one writer at a time, the checkpoint to resume
-from, the resolved config), the opening every supervised trainer shares (`start_run`), and what
-a trainer returns (`TrainResult`)."""
+from, the resolved config), the opening every supervised trainer shares (`start_run`, the data
+read by `read_examples`), and what a trainer returns (`TrainResult`)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,15 @@ import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import yaml
 
-from openrlaif.data.io import write_text_atomic
+from openrlaif.data.datasets import BUILTIN_DATASETS, load_pairs
+from openrlaif.data.io import read_records, write_text_atomic
 from openrlaif.data.lock import one_writer
+from openrlaif.data.records import Pair
 from openrlaif.errors import ConfigError
 from openrlaif.models.loading import quiet_transformers
 from openrlaif.models.names import resolve_model_path
@@ -24,10 +26,13 @@ from openrlaif.training.accelerator import make_accelerator, set_seed
 from openrlaif.training.batching import split_held_out
 from openrlaif.training.checkpoint import Checkpoint, latest_checkpoint
 from openrlaif.training.config import TrainConfig
+from openrlaif.training.errors import TrainingError
 from openrlaif.training.metrics import truncate_jsonl
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+
+T = TypeVar("T")
 
 KILL_ENV = "OPENRLAIF_KILL_AT_STEP"  # testing aid, see `simulate_kill`
 
@@ -96,6 +101,27 @@ class RunStart:
     train_set: list[Any]
     held_out: list[Any]
     source: str  # where to load the model from: the checkpoint's folder when resuming, else `model`
+
+
+def read_examples(
+    source: str,
+    limit: int | None,
+    from_pair: Callable[[Pair], T],
+    parse_row: Callable[[dict[str, Any], int], T],
+) -> list[T]:
+    """A supervised trainer's examples: a built-in pairs dataset (each pair made an example by
+    `from_pair`) or a file (each row parsed by `parse_row`), the first `limit` of them."""
+    if source in BUILTIN_DATASETS:
+        examples = [from_pair(p) for p in load_pairs(source).records]
+    elif Path(source).exists():
+        examples = read_records(source, parse_row).records
+    else:
+        names = ", ".join(sorted(BUILTIN_DATASETS))
+        raise ConfigError(f"data: {source!r} is neither a built-in dataset ({names}) nor an existing file")
+    examples = examples[:limit] if limit is not None else examples
+    if not examples:
+        raise TrainingError(f"{source}: no examples")
+    return examples
 
 
 def start_run(

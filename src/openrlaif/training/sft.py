@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,18 +32,13 @@ from openrlaif.data.chat import (
     encoded_lengths,
     resolve_chat_template,
 )
-from openrlaif.data.datasets import BUILTIN_DATASETS, load_pairs
 from openrlaif.data.examples import SFTExample, parse_sft_row
-from openrlaif.data.io import read_records
-from openrlaif.errors import ConfigError
 from openrlaif.models.loading import load_pretrained, load_tokenizer
 from openrlaif.models.logprobs import IGNORE_INDEX, sequence_logprobs
 from openrlaif.training.batching import ShardedBatches, eval_shard, pad_right
-from openrlaif.training.checkpoint import save_checkpoint, save_model_folder
 from openrlaif.training.config import TrainConfig
-from openrlaif.training.errors import TrainingError, check_finite
-from openrlaif.training.metrics import Throughput, format_metrics
-from openrlaif.training.run import TrainResult, one_writer_per_output_dir, start_run
+from openrlaif.training.metrics import Throughput
+from openrlaif.training.run import TrainResult, one_writer_per_output_dir, read_examples, start_run
 from openrlaif.training.step import finish_step, start_steps
 
 
@@ -68,18 +62,8 @@ class SFTConfig(TrainConfig):
 
 def load_sft_examples(source: str, limit: int | None = None) -> list[SFTExample]:
     """A prompt/completion file, or a built-in pairs dataset (prompt + the human-chosen reply)."""
-    if source in BUILTIN_DATASETS:
-        pairs = load_pairs(source).records
-        examples = [SFTExample(p.id, p.prompt, p.response_a) for p in pairs]  # A = the chosen reply
-    elif Path(source).exists():
-        examples = read_records(source, parse_sft_row).records
-    else:
-        names = ", ".join(sorted(BUILTIN_DATASETS))
-        raise ConfigError(f"data: {source!r} is neither a built-in dataset ({names}) nor an existing file")
-    examples = examples[:limit] if limit is not None else examples
-    if not examples:
-        raise TrainingError(f"{source}: no examples")
-    return examples
+    # A = the chosen reply
+    return read_examples(source, limit, lambda p: SFTExample(p.id, p.prompt, p.response_a), parse_sft_row)
 
 
 @dataclass
@@ -194,27 +178,18 @@ def train_sft(config: SFTConfig, resume: bool = False, show_progress: bool = Tru
     parts = start_steps(
         config, accelerator, model, loader, len(train_set), output_dir, checkpoint, "SFT", show_progress
     )
-    model, optimizer, scheduler, logger = parts.model, parts.optimizer, parts.scheduler, parts.logger
-    total_steps, start_step = parts.total_steps, parts.start_step
-    global_batch = config.batch_size * config.grad_accum_steps * accelerator.num_processes
-    logger.print(
-        f"SFT: {len(train_set)} training / {len(held_out)} held-out examples"
-        f"{' (chat template)' if chat else ''}; {total_steps} steps of "
-        f"{global_batch} examples ({config.batch_size} x {config.grad_accum_steps} accumulation x "
-        f"{accelerator.num_processes} process(es)); {accelerator.device}, mixed precision {accelerator.mixed_precision}"
-        + (f"; resuming after step {start_step} from {checkpoint.path}" if checkpoint else "")
-    )
-    first_metrics = final_metrics = None
-    if start_step == 0 and held_out:
-        first_metrics = evaluate(model, held_out, tokenizer, config, accelerator, chat)
-        logger.log(0, first_metrics)
-        logger.print(f"step 0 (before training): {format_metrics(first_metrics)}")
-
+    model, logger, total_steps = parts.model, parts.logger, parts.total_steps
+    logger.print(parts.plan_line("SFT", "examples", len(train_set), len(held_out), chat))
     last_checkpoint = checkpoint.path if checkpoint else None
+    first_metrics = final_metrics = None
+    if parts.start_step == 0 and held_out:
+        first_metrics = evaluate(model, held_out, tokenizer, config, accelerator, chat)
+        parts.log_held_out(0, first_metrics, last_checkpoint)
+
     throughput = parts.throughput = Throughput()  # training time starts here, after the first evaluation
     model.train()
     try:
-        for step in range(start_step + 1, total_steps + 1):
+        for step in range(parts.start_step + 1, total_steps + 1):
             losses, samples, tokens, ids = [], 0, 0, list[str]()
             for _ in range(config.grad_accum_steps):
                 chunk = [train_set[i] for i in loader.next_batch()]
@@ -238,26 +213,15 @@ def train_sft(config: SFTConfig, resume: bool = False, show_progress: bool = Tru
             finish_step(parts, step, loss_value, {"train/loss": loss_value}, totals[1].item(), totals[2].item(), ids,
                         last_checkpoint, f"loss {loss_value:.4f}")  # fmt: skip
 
-            if held_out and (step == total_steps or (config.eval_every and step % config.eval_every == 0)):
+            if held_out and parts.eval_due(step):
                 final_metrics = evaluate(model, held_out, tokenizer, config, accelerator, chat)
-                check_finite(step, "held-out loss", final_metrics["eval/loss"], last_checkpoint)
-                logger.log(step, final_metrics)
-                logger.print(f"step {step}: {format_metrics(final_metrics)}")
-            if step % config.save_every == 0 or step == total_steps:
-                last_checkpoint = save_checkpoint(
-                    accelerator, output_dir, step, model, tokenizer, optimizer, scheduler, loader, config.keep_checkpoints
-                )  # fmt: skip
+                parts.log_held_out(step, final_metrics, last_checkpoint)
+            if parts.save_due(step):
+                last_checkpoint = parts.save(step, tokenizer)
             throughput.started = time.perf_counter()  # eval and saving are not training time
     finally:
         logger.close()
 
     if final_metrics is None and held_out:  # resumed a finished run
         final_metrics = evaluate(model, held_out, tokenizer, config, accelerator, chat)
-    model_dir = output_dir / "model"
-    save_model_folder(accelerator, model, tokenizer, model_dir)
-    accelerator.wait_for_everyone()
-    logger.print(f"SFT done: {total_steps} steps; model -> {model_dir}")
-    return TrainResult(
-        output_dir=output_dir, model_dir=model_dir, steps=total_steps, metrics=final_metrics or {},
-        first_metrics=first_metrics, model=accelerator.unwrap_model(model),
-    )  # fmt: skip
+    return parts.finish(tokenizer, "SFT", first_metrics, final_metrics)

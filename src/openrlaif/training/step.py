@@ -6,6 +6,10 @@
   schedule, the model prepared by accelerate, the resumed state, the logs);
 - `finish_step`: the supervised trainers' whole epilogue after the backward passes: the optimizer
   step, the schedule, the example ids, the metric row and the progress bar.
+- around the loop, `StepParts`' methods: `plan_line` (the run's plan, printed before training),
+  `log_held_out` (a held-out evaluation checked, logged and printed), `eval_due` / `save_due`
+  (when to evaluate and to checkpoint), `save` (the checkpoint) and `finish` (the final model
+  folder, the "done" line and the result).
 
 Each trainer's loop stays in its own module, top to bottom; it calls `finish_step` where its
 micro-batches are done, then evaluates and checkpoints as it needs.
@@ -14,7 +18,7 @@ micro-batches are done, then evaluates and checkpoints as it needs.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,12 +26,12 @@ from typing import Any
 import torch
 
 from openrlaif.training.batching import ShardedBatches, plan_steps
-from openrlaif.training.checkpoint import Checkpoint, load_checkpoint
+from openrlaif.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, save_model_folder
 from openrlaif.training.config import TrainConfig
 from openrlaif.training.errors import check_finite
-from openrlaif.training.metrics import ExampleIdLog, MetricsLogger, Throughput
+from openrlaif.training.metrics import ExampleIdLog, MetricsLogger, Throughput, format_metrics
 from openrlaif.training.optim import make_optimizer, make_scheduler
-from openrlaif.training.run import simulate_kill
+from openrlaif.training.run import TrainResult, simulate_kill
 
 
 def optimizer_step(
@@ -57,7 +61,74 @@ class StepParts:
     start_step: int  # the step a resumed run continues after (0: a new run)
     logger: MetricsLogger
     ids_log: ExampleIdLog
+    loader: ShardedBatches
+    output_dir: Path
+    checkpoint: Checkpoint | None  # the one the run resumes from
     throughput: Throughput = field(default_factory=Throughput)  # restarted where training time starts
+
+    def plan_line(
+        self, title: str, unit: str, n_train: int, n_held_out: int, chat: bool, extra: str = "", after: str = ""
+    ) -> str:  # fmt: skip
+        """The run's plan, printed before training: the data (`unit`: what an example is called,
+        plural), `extra` (a clause of the trainer's own after the data), the steps and the batch,
+        the device, `after` (another clause of the trainer's own) and where a resumed run continues."""
+        config, accelerator = self.config, self.accelerator
+        global_batch = config.batch_size * config.grad_accum_steps * accelerator.num_processes
+        return (
+            f"{title}: {n_train} training / {n_held_out} held-out {unit}{' (chat template)' if chat else ''}; "
+            + (f"{extra}; " if extra else "")
+            + f"{self.total_steps} steps of {global_batch} {unit} ({config.batch_size} x "
+            f"{config.grad_accum_steps} accumulation x {accelerator.num_processes} process(es)); "
+            f"{accelerator.device}, mixed precision {accelerator.mixed_precision}"
+            + (f"; {after}" if after else "")
+            + (f"; resuming after step {self.start_step} from {self.checkpoint.path}" if self.checkpoint else "")
+        )  # fmt: skip
+
+    def log_held_out(self, step: int, metrics: dict[str, float], last_checkpoint: Path | None) -> None:
+        """The held-out `metrics` of step `step` (0: before training, when the loss is not checked;
+        after it, the loss must be finite), logged without their NaN entries (an accuracy over no
+        pairs) and printed."""
+        if step > 0:
+            check_finite(step, "held-out loss", metrics["eval/loss"], last_checkpoint)
+        self.logger.log(step, {k: v for k, v in metrics.items() if not math.isnan(v)})
+        when = f"step {step}" if step > 0 else "step 0 (before training)"
+        self.logger.print(f"{when}: {format_metrics(metrics)}")
+
+    def eval_due(self, step: int) -> bool:
+        """Whether step `step` ends with a held-out evaluation: every `eval_every` steps and at the end."""
+        every = self.config.eval_every
+        return step == self.total_steps or bool(every and step % every == 0)
+
+    def save_due(self, step: int) -> bool:
+        """Whether step `step` ends with a checkpoint: every `save_every` steps and at the end."""
+        return step % self.config.save_every == 0 or step == self.total_steps
+
+    def save(self, step: int, tokenizer: Any) -> Path:
+        """Checkpoint `step-N` (`save_checkpoint`: the model, the optimizer, the schedule and the
+        data order; the oldest beyond `keep_checkpoints` removed). Returns its path."""
+        return save_checkpoint(
+            self.accelerator, self.output_dir, step, self.model, tokenizer, self.optimizer, self.scheduler,
+            self.loader, self.config.keep_checkpoints,
+        )  # fmt: skip
+
+    def finish(
+        self, tokenizer: Any, title: str, first_metrics: dict[str, float] | None,
+        final_metrics: dict[str, float] | None, note: str = "", write_extra: Callable[[Path], None] | None = None,
+    ) -> TrainResult:  # fmt: skip
+        """After the loop: the model folder `output_dir/model` (every process; `write_extra` adds the
+        trainer's own files to it on the main process), the processes wait for each other, the
+        "done" line (`note` at its end) and the result."""
+        accelerator = self.accelerator
+        model_dir = self.output_dir / "model"
+        save_model_folder(accelerator, self.model, tokenizer, model_dir)
+        if write_extra is not None and accelerator.is_main_process:
+            write_extra(model_dir)
+        accelerator.wait_for_everyone()
+        self.logger.print(f"{title} done: {self.total_steps} steps; model -> {model_dir}{note}")
+        return TrainResult(
+            output_dir=self.output_dir, model_dir=model_dir, steps=self.total_steps,
+            metrics=final_metrics or {}, first_metrics=first_metrics, model=accelerator.unwrap_model(self.model),
+        )  # fmt: skip
 
 
 def start_steps(
@@ -74,8 +145,9 @@ def start_steps(
     logger = MetricsLogger(accelerator, output_dir, config, total_steps, start_step, title, show_progress)
     ids_log = ExampleIdLog(output_dir, accelerator.process_index, config.record_example_ids)
     return StepParts(
-        accelerator, model, optimizer, scheduler, config, total_steps, start_step, logger, ids_log
-    )
+        accelerator, model, optimizer, scheduler, config, total_steps, start_step, logger, ids_log, loader,
+        output_dir, checkpoint,
+    )  # fmt: skip
 
 
 def finish_step(

@@ -1,5 +1,6 @@
 """Loss pieces the RL algorithms share: masked means over response tokens (a micro-batch's share
-of the batch's mean), advantage whitening, and the value model's (optionally clipped) loss.
+of the batch's mean), advantage whitening (`token_advantages`: advantages put on the response
+tokens, whitened when asked), and the value model's (optionally clipped) loss.
 
 Per-token tensors are (N, R) over response tokens only, with a float `mask` (1 = a real token).
 """
@@ -20,6 +21,13 @@ def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
     return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def token_advantages(advantages: torch.Tensor, mask: torch.Tensor, whiten_advantages: bool) -> torch.Tensor:
+    """`advantages` (per token (N, R), or per sequence (N, 1)) on the response tokens, 0 at
+    padding, and whitened over them with `whiten_advantages`."""
+    advantages = advantages * mask
+    return whiten(advantages, mask) if whiten_advantages else advantages
 
 
 def value_loss(

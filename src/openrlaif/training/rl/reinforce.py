@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 
 from openrlaif.training.rl.config import ValueModelConfig
-from openrlaif.training.rl.losses import masked_mean, value_loss, whiten
+from openrlaif.training.rl.losses import masked_mean, token_advantages, value_loss
 from openrlaif.training.rl.rollout import Rollout, Rows
 from openrlaif.training.rl.updater import Updater
 
@@ -40,9 +40,8 @@ def update(config: ReinforceConfig, updater: Updater, rollout: Rollout) -> dict[
     mask, old_values = rollout.mask, rollout.old_values
     assert old_values is not None
     returns = returns_to_go(rollout.rewards, mask, 1.0)  # γ = 1 (the paper)
-    advantages = (returns - old_values) * mask  # baseline: the learned V(s_t)
-    if config.whiten_advantages:
-        advantages = whiten(advantages, mask)
+    baselined = returns - old_values  # baseline: the learned V(s_t)
+    advantages = token_advantages(baselined, mask, config.whiten_advantages)
     tokens = mask.sum().clamp(min=1)  # the whole rollout's: each micro-batch's loss is its share
 
     def loss_of(rows: Rows) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ from typing import ClassVar, Literal
 import torch
 
 from openrlaif.training.rl.config import RLBaseConfig
-from openrlaif.training.rl.losses import masked_mean, whiten
+from openrlaif.training.rl.losses import masked_mean, token_advantages
 from openrlaif.training.rl.rollout import Rollout, Rows
 from openrlaif.training.rl.updater import Updater
 
@@ -37,9 +37,9 @@ def update(config: RLOOConfig, updater: Updater, rollout: Rollout) -> dict[str, 
     n = mask.shape[0]
     returns = rollout.rewards.sum(-1)  # (1-β)·r - β·KL of the whole response
     # one advantage per sequence, on every one of its tokens
-    advantages = rloo_advantages(returns, rollout.num_samples)[:, None] * mask
-    if config.whiten_advantages:
-        advantages = whiten(advantages, mask)
+    advantages = token_advantages(
+        rloo_advantages(returns, rollout.num_samples)[:, None], mask, config.whiten_advantages
+    )
     tokens = mask.sum().clamp(min=1)  # the whole rollout's: each micro-batch's entropy is its share
 
     def loss_of(rows: Rows) -> dict[str, torch.Tensor]:
