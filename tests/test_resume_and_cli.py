@@ -155,7 +155,7 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
         assert command in text
     assert main(["judges"]) == 0
     listing = capsys.readouterr().out
-    assert "embedding-harmless" in listing and "harmless, helpful, summarize" in listing
+    assert "embedding-harmless" in listing and "harmless, harmless-2shot, helpful, summarize" in listing
 
 
 def test_python_m_openrlaif_help_loads_no_command_code() -> None:
