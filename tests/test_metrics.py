@@ -103,6 +103,10 @@ def test_alignment_metrics_hand_computed() -> None:
     slot1 = [0.9, 0.9, 0.2, 0.1, 0.3, 0.9, 0.6, 0.7]
     assert m["mean_p_first_slot"] == pytest.approx(sum(slot1) / 8)
     assert m["alignment_ci95"][0] <= m["alignment"] <= m["alignment_ci95"][1]
+    for name in ("same_position_preferred", "mean_p_first_slot", "p_prefers_longer"):  # bootstrap over pairs
+        low, high = m[f"{name}_ci95"]
+        assert 0.0 <= low <= m[name] <= high <= 1.0 and high > low, name
+    assert m["same_position_preferred_ci95"][1] <= 1.0 and m["same_position_preferred_ci95"][0] == 0.0
 
 
 def test_labeled_pair_standard_format() -> None:

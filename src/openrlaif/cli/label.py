@@ -111,27 +111,28 @@ def print_alignment_table(metrics: dict[str, Any], title: str) -> None:
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_column("what it means")
-    ci = metrics.get("alignment_ci95")
-    ci_text = f" [{pct(ci[0])}, {pct(ci[1])}]" if ci else ""
+
+    def with_ci(name: str) -> str:  # the value and its 95% bootstrap CI where there is one
+        ci = metrics.get(f"{name}_ci95")
+        return pct(metrics[name]) + (f" [{pct(ci[0])}, {pct(ci[1])}]" if ci else "")
+
     table.add_row(
         "pairs", str(metrics["pairs"]), f"{metrics['pairs_with_human_label']} with a human preference"
     )
     table.add_row(
         "AI labeler alignment",
-        pct(metrics["alignment"]) + ci_text,
+        with_ci("alignment"),
         "argmax soft label = human label (95% bootstrap CI)",
     )
     table.add_row(
         "same position preferred",
-        pct(metrics["same_position_preferred"]),
+        with_ci("same_position_preferred"),
         "picks the same slot in both orders (position bias)",
     )
-    table.add_row(
-        "mean P(slot 1)", pct(metrics["mean_p_first_slot"]), "50% = no preference for the first slot"
-    )
+    table.add_row("mean P(slot 1)", with_ci("mean_p_first_slot"), "50% = no preference for the first slot")
     table.add_row(
         "P(prefers longer)",
-        pct(metrics["p_prefers_longer"]),
+        with_ci("p_prefers_longer"),
         f"humans: {pct(metrics['human_p_prefers_longer'])} (length bias)",
     )
     ece = metrics["ece"]

@@ -105,15 +105,22 @@ def alignment_metrics(labeled: Sequence[LabeledPair], seed: int = 0) -> dict[str
         v for x, h in zip(with_human, human, strict=True)
         if (v := prefers_longer(h, len(x.response_a), len(x.response_b))) is not None
     ]  # fmt: skip
-    first_slot = [x.p_a_ab for x in labeled] + [1.0 - x.p_a_ba for x in labeled]
+    first_slot = [(x.p_a_ab + 1.0 - x.p_a_ba) / 2.0 for x in labeled]  # P(slot 1), both orders of a pair
+
+    def ci(values: Sequence[float]) -> list[float] | None:  # a bootstrap over pairs
+        return list(bootstrap_ci(values, seed=seed)) if values else None
+
     return {
         "pairs": len(labeled),
         "pairs_with_human_label": len(with_human),
         "alignment": float(np.mean(agreement)) if agreement else None,
         "alignment_ci95": [low, high] if agreement else None,
         "same_position_preferred": float(np.mean(same_position)) if labeled else None,
+        "same_position_preferred_ci95": ci([float(v) for v in same_position]),
         "mean_p_first_slot": float(np.mean(first_slot)) if labeled else None,
+        "mean_p_first_slot_ci95": ci(first_slot),
         "p_prefers_longer": float(np.mean(ai_longer)) if ai_longer else None,
+        "p_prefers_longer_ci95": ci(ai_longer),
         "human_p_prefers_longer": float(np.mean(human_longer)) if human_longer else None,
         "ece": expected_calibration_error([x.p_a for x in with_human], human) if with_human else None,
         "mean_confidence": float(np.mean([max(x.p_a, 1 - x.p_a) for x in labeled])) if labeled else None,
