@@ -1,8 +1,9 @@
 """Pairwise AI labeling with a local causal LM: HFJudge against the straightforward approach.
 
 Both label the same 256 HH-RLHF pairs in both orders (512 prompts) with the same tiny GPT-2
-architecture model (built locally, random weights), the harmless template and 2 few-shot exemplars,
-on the same threads and dtype; warm-up excluded.
+architecture model (built locally, random weights), or a real model (`--model
+packaged:gemma-3-270m`: Gemma 3's sliding-window layers), the harmless template and 2 few-shot
+exemplars, on the same threads and dtype; warm-up excluded.
 
 - baseline: one `model.generate(max_new_tokens=1, output_scores=True)` call per ordered pair on the
   full prompt, reading the label tokens' scores of the first generated token;
@@ -13,6 +14,7 @@ on the same threads and dtype; warm-up excluded.
 Both tokenize a prompt as prefix ids + suffix ids, so their P(first) must agree to float noise.
 
     .venv/bin/python benchmarks/bench_hf_labeling.py [--pairs 256] [--threads 2] [--batch-size 16] [--dtype bfloat16]
+    .venv/bin/python benchmarks/bench_hf_labeling.py --model packaged:gemma-3-270m --pairs 48
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from openrlaif.judges.base import OrderedPair
 from openrlaif.judges.hf import HFJudge
 from openrlaif.judges.prompts import Exemplar, TemplateSet, load_template_set
 from openrlaif.judges.tokens import encode_continuation, pair_label_ids, pair_probability
+from openrlaif.models.names import resolve_model_path
 from openrlaif.models.tiny import build_tiny_causal_lm
 
 
@@ -100,6 +103,9 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=4, help="the methods alternate over this many chunks")
     parser.add_argument("--model-dir", type=Path, help="reuse a model built by an earlier run")
+    parser.add_argument(
+        "--model", help="a real model instead of the tiny GPT-2, any model name, e.g. packaged:gemma-3-270m"
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built locally
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -110,7 +116,7 @@ def main() -> None:
     shots = records[args.pairs : args.pairs + args.exemplars]
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model_dir
+        model_dir = Path(resolve_model_path(args.model)) if args.model else args.model_dir
         if model_dir is None or not (model_dir / "config.json").exists():
             model_dir = model_dir or Path(tmp) / "tiny-gpt2"
             t0 = time.perf_counter()
