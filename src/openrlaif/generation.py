@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from openrlaif.config import apply_overrides, format_validation_error, read_yaml
+from openrlaif.config import StrictModel, apply_overrides, format_validation_error, read_yaml
 from openrlaif.data.datasets import load_prompts
 from openrlaif.data.io import JsonlAppender, read_jsonl_dicts, write_records
 from openrlaif.data.records import PromptRecord
@@ -40,10 +40,8 @@ PACKAGED_GENERATE_DIR = Path(__file__).parent / "configs" / "generate"
 # ---------------------------------------------------------------- config
 
 
-class GenerateConfig(BaseModel):
+class GenerateConfig(StrictModel):
     """`openrlaif generate`: N responses per prompt from `policy` (in process) or `server`."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())  # a misspelt setting is an error
 
     policy: str | None = None  # Hugging Face model id or local folder, sampled in process
     server: ServerConfig | None = None  # ... or an OpenAI-compatible server

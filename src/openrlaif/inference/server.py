@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
+from openrlaif.config import StrictModel
 from openrlaif.data.chat import to_messages
 from openrlaif.errors import GenerationError
 from openrlaif.inference.http import OpenAIClient
@@ -30,10 +31,8 @@ from openrlaif.inference.local import Sample, eos_token_ids, prepare_rows
 # ---------------------------------------------------------------- config
 
 
-class ServerConfig(BaseModel):
+class ServerConfig(StrictModel):
     """An OpenAI-compatible server (vLLM, SGLang, llama.cpp server, OpenAI) that samples."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())  # a misspelt setting is an error
 
     model: str  # the name the server serves
     base_urls: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8000/v1"], min_length=1)

@@ -16,18 +16,17 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from openrlaif.config import load_yaml_model
+from openrlaif.config import StrictModel, load_yaml_model
 from openrlaif.errors import ConfigError
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 
 
-class Exemplar(BaseModel):
+class Exemplar(StrictModel):
     """A worked example for few-shot prompting."""
 
-    model_config = ConfigDict(extra="forbid")
     context: str
     response_1: str
     response_2: str
@@ -35,8 +34,7 @@ class Exemplar(BaseModel):
     rationale: str | None = None
 
 
-class PairwiseTemplate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class PairwiseTemplate(StrictModel):
     preamble: str
     exemplars: list[Exemplar] = Field(default_factory=list)
     sample: str = "Context - {context}\nResponse 1 - {response_1}\nResponse 2 - {response_2}\n"
@@ -80,8 +78,7 @@ class PairwiseTemplate(BaseModel):
         return _hash(self)
 
 
-class ScoreTemplate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ScoreTemplate(StrictModel):
     instruction: str
     sample: str = "Context - {context}\nResponse - {response}\n"
     ending: str = "SCORE: "
@@ -102,10 +99,9 @@ def _hash(model: BaseModel) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
-class TemplateSet(BaseModel):
+class TemplateSet(StrictModel):
     """What a template file holds: a pairwise template and a direct-score template."""
 
-    model_config = ConfigDict(extra="forbid")
     pairwise: PairwiseTemplate
     score: ScoreTemplate
 

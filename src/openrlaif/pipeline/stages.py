@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from openrlaif.config import answer_fields, load_judge_config
+from openrlaif.config import answer_fields, format_validation_error, load_judge_config
 from openrlaif.data.chat import encode_prompt, use_chat_template
 from openrlaif.data.io import read_pairs
 from openrlaif.data.records import PromptRecord
@@ -113,11 +113,7 @@ def trainer_config(algorithm: str, settings: dict[str, Any], where: str) -> Any:
     try:
         return config_class.model_validate(settings)
     except ValidationError as e:
-        first = e.errors()[0]
-        key = ".".join(str(part) for part in first["loc"])
-        raise ConfigError(
-            f"{where}: {key + ': ' if key else ''}{first['msg'].removeprefix('Value error, ')}"
-        ) from None
+        raise ConfigError(format_validation_error(where, e)) from None
 
 
 def _train(

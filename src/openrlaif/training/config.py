@@ -11,9 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from openrlaif.config import (
+    StrictModel,
     apply_overrides,
     format_validation_error,
     parse_set_overrides,
@@ -23,10 +24,8 @@ from openrlaif.config import (
 from openrlaif.errors import ConfigError
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(StrictModel):
     """Settings every trainer shares. Trainers subclass it (SFTConfig, RewardConfig, ...)."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     # model and data
     model: str  # HF model id or local folder; `tiny:gpt2` / `tiny:llama` = offline random test models

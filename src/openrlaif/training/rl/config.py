@@ -6,17 +6,16 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from openrlaif.config import StrictModel
 from openrlaif.data.chat import ChatTemplate
 from openrlaif.inference.server import RolloutServerConfig
 from openrlaif.training.config import TrainConfig
 
 
-class RewardSource(BaseModel):
+class RewardSource(StrictModel):
     """Where rewards come from: a trained reward model, or a judge (d-RLAIF score or pairwise)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     type: Literal["reward_model", "judge_score", "judge_pairwise"]
     path: str | None = None  # reward_model: the folder `openrlaif train rm` wrote
