@@ -28,6 +28,7 @@ from typing import Any, Literal, NamedTuple
 
 from openrlaif.data.chat import encode_prompt, use_chat_template
 from openrlaif.errors import GenerationError
+from openrlaif.models.kv import cache_argument, output_cache
 
 
 def sample_seed(seed: int, key: str, index: int) -> int:
@@ -162,7 +163,7 @@ def shared_prompt_cache(model: Any, ids: Any, mask: Any, prompts: Sequence[Seque
         input_ids=sub_ids, attention_mask=sub_mask, position_ids=(sub_mask.cumsum(-1) - 1).clamp(min=0),
         use_cache=True, **kwargs,
     )  # fmt: skip
-    cache = out.past_key_values
+    cache = output_cache(out)
     if type(cache) is not DynamicCache:
         return None
     cache.batch_select_indices(torch.tensor(index, device=ids.device))
@@ -202,7 +203,7 @@ def iter_samples(
             cache = shared_prompt_cache(model, ids, mask, [rows[i][0] for i in batch])
             out = model.generate(
                 input_ids=ids, attention_mask=mask, generation_config=config, logits_processor=processors,
-                **({"past_key_values": cache} if cache is not None else {}),
+                **({cache_argument(model): cache} if cache is not None else {}),
             )  # fmt: skip
             responses = []
             for generated in out[:, width:].tolist():
