@@ -18,8 +18,10 @@ IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding), as 
 
 def accepts_logits_to_keep(model: Any) -> bool:
     """Whether the model's forward takes `logits_to_keep` (the LM head then runs on the last
-    positions only); looks through a DDP wrapper."""
+    positions only); looks through a DDP wrapper and a peft model (which passes it on)."""
     inner = getattr(model, "module", model)  # DDP wraps the model
+    if callable(getattr(type(inner), "get_base_model", None)):  # a peft `PeftModel` (LoRA)
+        inner = inner.get_base_model()
     return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from openrlaif.data.io import disk_full_error
 from openrlaif.errors import DiskFullError
+from openrlaif.models.lora import has_lora, save_adapter_folder, save_merged_folder
 from openrlaif.training.accelerator import uses_sharded_engine
 from openrlaif.training.batching import ShardedBatches
 from openrlaif.training.errors import TrainingError
@@ -137,15 +138,23 @@ def latest_checkpoint(output_dir: str | Path) -> Checkpoint | None:
 
 
 def save_model_folder(
-    accelerator: Accelerator, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, directory: Path
-) -> None:
+    accelerator: Accelerator, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, directory: Path,
+    merged: bool = False,
+) -> None:  # fmt: skip
     """An HF model folder (config + safetensors + tokenizer). Collective: every process calls it
-    (a sharded engine gathers the weights); the main process writes."""
+    (a sharded engine gathers the weights); the main process writes. A model with LoRA adapters
+    gives peft's adapter folder (checkpoints: exact), or with `merged` the adapters merged into a
+    copy of its weights (a plain folder; the model keeps training with its adapters)."""
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         with disk_full_error(directory):
-            unwrapped.save_pretrained(directory, state_dict=state_dict)
+            if not has_lora(unwrapped):
+                unwrapped.save_pretrained(directory, state_dict=state_dict)
+            elif merged:
+                save_merged_folder(unwrapped, directory)
+            else:
+                save_adapter_folder(unwrapped, directory, state_dict)
             tokenizer.save_pretrained(directory)
 
 

@@ -24,6 +24,28 @@ from openrlaif.config import (
 from openrlaif.errors import ConfigError
 
 
+class LoRASettings(StrictModel):
+    """LoRA adapters through `peft` (`lora:` in any trainer): the base weights stay frozen and only
+    low-rank updates of `target_modules` train (scale alpha / r). The DPO/RL reference is the same
+    model with the adapters off: no second copy is held."""
+
+    r: int = Field(8, ge=1)  # the adapters' rank
+    alpha: float = Field(16.0, gt=0.0)  # the update is scaled by alpha / r
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # on the adapters' input
+    # module names (suffixes such as q_proj, c_attn) or every linear layer but the output head
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    # what `<output_dir>/model/` holds: the adapters merged into the weights (a plain transformers
+    # folder), or the adapters alone (peft's folder; its adapter_config.json names the base model)
+    export: Literal["merged", "adapter"] = "merged"
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_modules(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, list) and not value:
+            raise ValueError('name at least one module, or "all-linear"')
+        return value
+
+
 class TrainConfig(StrictModel):
     """Settings every trainer shares. Trainers subclass it (SFTConfig, RewardConfig, ...)."""
 
@@ -63,6 +85,7 @@ class TrainConfig(StrictModel):
     # natively (a GPU with bf16; a CPU with AVX512-BF16 or AMX, where it measured 1.5-2x faster)
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
     cpu: bool = False  # train on CPU even when a GPU is present (always CPU when none is)
+    lora: LoRASettings | None = None  # LoRA adapters instead of full fine-tuning (None: every weight trains)
 
     # bookkeeping
     log_every: int = Field(1, ge=1)  # steps between metric rows (JSONL, TensorBoard)

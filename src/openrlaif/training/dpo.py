@@ -18,9 +18,10 @@ held-out split, with the mean log-ratio log π - log π_ref over the held-out re
 Monte-Carlo-free estimate of how far the policy moved from the reference on the data).
 
 The reference log-probs are computed once, before training, by the reference model (the initial
-policy, or `ref_model`), stored in `output_dir/ref_logprobs.safetensors` with a hash of the data,
-and the reference model is freed: training runs one policy forward per batch, and a resumed run
-reads the file instead of recomputing.
+policy, or `ref_model`; with `lora`, the policy itself with its adapters off: no second copy),
+stored in `output_dir/ref_logprobs.safetensors` with a hash of the data, and the reference model
+is freed: training runs one policy forward per batch, and a resumed run reads the file instead
+of recomputing.
 
 One forward pass per batch holds both responses of every pair, which follow the same prompt
 tokens. By default (`share_prompt: auto`) each pair is one packed row, prompt + chosen +
@@ -44,6 +45,7 @@ pairs with a human label, or the built-in `hh-harmless`: the reward trainer's lo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -62,13 +64,14 @@ from openrlaif.data.examples import PreferenceExample
 from openrlaif.data.io import write_atomic
 from openrlaif.models.loading import load_pretrained, load_tokenizer
 from openrlaif.models.logprobs import IGNORE_INDEX, accepts_logits_to_keep, token_logprobs
+from openrlaif.models.lora import adapters_disabled
 from openrlaif.models.names import resolve_model_path
 from openrlaif.training.batching import ShardedBatches, eval_shard, pad_right
 from openrlaif.training.config import TrainConfig
 from openrlaif.training.losses import dpo_loss
 from openrlaif.training.metrics import Throughput
 from openrlaif.training.reward import agreement, load_preference_examples
-from openrlaif.training.run import TrainResult, one_writer_per_output_dir, start_run
+from openrlaif.training.run import TrainResult, apply_lora, one_writer_per_output_dir, start_run
 from openrlaif.training.step import finish_step, start_steps
 
 REF_FILE = "ref_logprobs.safetensors"
@@ -508,9 +511,10 @@ def train_dpo(config: DPOConfig, resume: bool = False, show_progress: bool = Tru
     with accelerator.main_process_first():
         ref_source = resolve_model_path(config.ref_model or config.model)
     tokenizer = load_tokenizer(source, config.revision, config.trust_remote_code)
-    model = load_pretrained(AutoModelForCausalLM, source, config.revision, config.trust_remote_code)
+    model = load_pretrained(AutoModelForCausalLM, run.weights, config.revision, config.trust_remote_code)
+    model = apply_lora(model, config, checkpoint, "causal_lm")
     if config.disable_dropout:
-        disable_dropout(model)
+        disable_dropout(model)  # LoRA's dropout too
     chat = resolve_chat_template(tokenizer, config.chat_template, config.model)
     model.to(accelerator.device)
     packed, layout_note = resolve_share_prompt(model, train_set, tokenizer, config, chat, accelerator.device)
@@ -530,8 +534,9 @@ def train_dpo(config: DPOConfig, resume: bool = False, show_progress: bool = Tru
             if not accelerator.is_main_process:
                 raise RuntimeError(f"{ref_file}: not written by the main process")  # cannot happen
             started = time.perf_counter()
-            if checkpoint is None and config.ref_model is None:
-                ref_model = model  # the initial policy itself: no second copy
+            lora_reference = config.lora is not None and config.ref_model is None
+            if lora_reference or (checkpoint is None and config.ref_model is None):
+                ref_model = model  # the initial policy itself (with LoRA: its adapters off): no second copy
             else:
                 ref_model = load_pretrained(
                     AutoModelForCausalLM, ref_source, config.revision, config.trust_remote_code
@@ -543,14 +548,15 @@ def train_dpo(config: DPOConfig, resume: bool = False, show_progress: bool = Tru
                 and not packing_matches(ref_model, train_set, tokenizer, config, chat, accelerator.device)
             ):  # another reference architecture: its pass in the plain layout (the same values up to rounding)
                 config = config.model_copy(update={"share_prompt": False})
-            stored = {
-                "train": compute_reference_logprobs(
-                    ref_model, train_set, tokenizer, config, accelerator, chat, train_lengths
-                ),
-                "held_out": compute_reference_logprobs(
-                    ref_model, held_out, tokenizer, config, accelerator, chat, held_out_lengths
-                ),
-            }
+            with adapters_disabled(model) if lora_reference else contextlib.nullcontext():
+                stored = {
+                    "train": compute_reference_logprobs(
+                        ref_model, train_set, tokenizer, config, accelerator, chat, train_lengths
+                    ),
+                    "held_out": compute_reference_logprobs(
+                        ref_model, held_out, tokenizer, config, accelerator, chat, held_out_lengths
+                    ),
+                }
             del ref_model  # frees the reference when it was a separate model
             config = config.model_copy(update={"share_prompt": packed})
             write_reference_file(ref_file, stored, expected, config.ref_model or config.model)

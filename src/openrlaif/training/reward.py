@@ -50,11 +50,18 @@ from openrlaif.data.examples import PreferenceExample, parse_preference_row
 from openrlaif.errors import ConfigError
 from openrlaif.models.heads import ValueHeadModel
 from openrlaif.models.loading import load_model_config, load_pretrained, load_tokenizer, quiet_transformers
+from openrlaif.models.lora import LoRATask, adapter_base, attach_adapter_folder
 from openrlaif.training.batching import ShardedBatches, eval_shard, pad_right
 from openrlaif.training.config import TrainConfig
 from openrlaif.training.losses import soft_label_loss
 from openrlaif.training.metrics import Throughput
-from openrlaif.training.run import TrainResult, one_writer_per_output_dir, read_examples, start_run
+from openrlaif.training.run import (
+    TrainResult,
+    apply_lora,
+    one_writer_per_output_dir,
+    read_examples,
+    start_run,
+)
 from openrlaif.training.step import finish_step, start_steps
 
 ModelType = Literal["sequence_classification", "causal_lm_value_head"]
@@ -189,6 +196,10 @@ def load_reward_backbone(
     return model
 
 
+def _lora_task(model_type: ModelType) -> LoRATask:
+    return "value_head" if model_type == "causal_lm_value_head" else "sequence_classification"
+
+
 def reward_of(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """One scalar per sequence, float32."""
     return (
@@ -273,8 +284,9 @@ def train_reward_model(config: RewardConfig, resume: bool = False, show_progress
     train_set, held_out = run.train_set, run.held_out
     tokenizer = load_tokenizer(source, config.revision, config.trust_remote_code)
     model = load_reward_backbone(
-        source, config.model_type, tokenizer, config.revision, config.trust_remote_code
+        run.weights, config.model_type, tokenizer, config.revision, config.trust_remote_code
     )
+    model = apply_lora(model, config, checkpoint, _lora_task(config.model_type))
     chat = resolve_chat_template(tokenizer, config.chat_template, config.model)
 
     lengths = (
@@ -409,7 +421,12 @@ class RewardModel:
         meta = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.exists() else {}
         tokenizer = load_tokenizer(str(path), trust_remote_code=trust_remote_code)
         model_type = meta.get("model_type", "sequence_classification")
-        model = load_reward_backbone(str(path), model_type, tokenizer, trust_remote_code=trust_remote_code)
+        base = adapter_base(path)  # LoRA adapters alone (`lora.export: adapter`): on their base model
+        model = load_reward_backbone(
+            base or str(path), model_type, tokenizer, trust_remote_code=trust_remote_code
+        )
+        if base is not None:
+            model = attach_adapter_folder(model, path, _lora_task(model_type))
         # a folder without the setting (another trainer's classifier) gets plain text
         chat = bool(meta.get("chat_template", False))
         return cls(model, tokenizer, int(meta.get("max_length", 512)), device, chat, pad_multiple)

@@ -21,6 +21,7 @@ from openrlaif.data.lock import one_writer
 from openrlaif.data.records import Pair
 from openrlaif.errors import ConfigError
 from openrlaif.models.loading import quiet_transformers
+from openrlaif.models.lora import LoRATask, add_lora, load_adapter_weights
 from openrlaif.models.names import resolve_model_path
 from openrlaif.training.accelerator import make_accelerator, set_seed
 from openrlaif.training.batching import split_held_out
@@ -100,7 +101,8 @@ class RunStart:
     checkpoint: Checkpoint | None  # the one to resume from
     train_set: list[Any]
     held_out: list[Any]
-    source: str  # where to load the model from: the checkpoint's folder when resuming, else `model`
+    source: str  # the tokenizer's folder: the checkpoint's when resuming, else `model`'s
+    weights: str  # the weights' folder: `source`; with LoRA always `model` (`apply_lora` adds the adapters)
 
 
 def read_examples(
@@ -140,7 +142,33 @@ def start_run(
     # from the checkpoint when resuming (the folder holds the tokenizer, and any head, too)
     with accelerator.main_process_first():  # a `tiny:` model is built once
         source = str(checkpoint.model_dir) if checkpoint else resolve_model_path(config.model)
-    return RunStart(accelerator, output_dir, checkpoint, train_set, held_out, source)
+        weights = weights_source(config, checkpoint)
+    return RunStart(accelerator, output_dir, checkpoint, train_set, held_out, source, weights)
+
+
+def weights_source(config: TrainConfig, checkpoint: Checkpoint | None) -> str:
+    """Where a trained model's weights load from: the checkpoint's model folder when resuming, else
+    `model` (resolved). With LoRA always `model`: a checkpoint holds only the adapters, which
+    `apply_lora` loads on top."""
+    if checkpoint is not None and config.lora is None:
+        return str(checkpoint.model_dir)
+    return resolve_model_path(config.model)
+
+
+def apply_lora(model: Any, config: TrainConfig, checkpoint: Checkpoint | None, task: LoRATask) -> Any:
+    """With `lora` set: the model with LoRA adapters (only they train), those of `checkpoint` when
+    resuming (bit-identical). Without: the model unchanged."""
+    if config.lora is None:
+        return model
+    model = add_lora(model, config.lora, task)
+    if checkpoint is not None:
+        load_adapter_weights(model, checkpoint.model_dir)
+    return model
+
+
+def export_merged(config: TrainConfig) -> bool:
+    """Whether `output_dir/model` holds the adapters merged into the weights (`lora.export`)."""
+    return config.lora is not None and config.lora.export == "merged"
 
 
 def simulate_kill(step: int) -> None:

@@ -38,7 +38,13 @@ from openrlaif.models.logprobs import IGNORE_INDEX, sequence_logprobs
 from openrlaif.training.batching import ShardedBatches, eval_shard, pad_right
 from openrlaif.training.config import TrainConfig
 from openrlaif.training.metrics import Throughput
-from openrlaif.training.run import TrainResult, one_writer_per_output_dir, read_examples, start_run
+from openrlaif.training.run import (
+    TrainResult,
+    apply_lora,
+    one_writer_per_output_dir,
+    read_examples,
+    start_run,
+)
 from openrlaif.training.step import finish_step, start_steps
 
 
@@ -160,7 +166,8 @@ def train_sft(config: SFTConfig, resume: bool = False, show_progress: bool = Tru
     accelerator, output_dir, checkpoint, source = run.accelerator, run.output_dir, run.checkpoint, run.source
     train_set, held_out = run.train_set, run.held_out
     tokenizer = load_tokenizer(source, config.revision, config.trust_remote_code)
-    model = load_pretrained(AutoModelForCausalLM, source, config.revision, config.trust_remote_code)
+    model = load_pretrained(AutoModelForCausalLM, run.weights, config.revision, config.trust_remote_code)
+    model = apply_lora(model, config, checkpoint, "causal_lm")
     chat = resolve_chat_template(tokenizer, config.chat_template, config.model)
 
     lengths = None

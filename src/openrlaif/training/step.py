@@ -31,7 +31,7 @@ from openrlaif.training.config import TrainConfig
 from openrlaif.training.errors import check_finite
 from openrlaif.training.metrics import ExampleIdLog, MetricsLogger, Throughput, format_metrics
 from openrlaif.training.optim import make_optimizer, make_scheduler
-from openrlaif.training.run import TrainResult, simulate_kill
+from openrlaif.training.run import TrainResult, export_merged, simulate_kill
 
 
 def optimizer_step(
@@ -120,7 +120,7 @@ class StepParts:
         "done" line (`note` at its end) and the result."""
         accelerator = self.accelerator
         model_dir = self.output_dir / "model"
-        save_model_folder(accelerator, self.model, tokenizer, model_dir)
+        save_model_folder(accelerator, self.model, tokenizer, model_dir, merged=export_merged(self.config))
         if write_extra is not None and accelerator.is_main_process:
             write_extra(model_dir)
         accelerator.wait_for_everyone()

@@ -11,6 +11,11 @@
 Checkpoints hold the policy, the value model (`value/`), the optimizer, scheduler, RNG states
 and the prompt position; `--resume` continues exactly (with server rollouts, as exactly as the
 server samples).
+
+With `lora`, the policy trains LoRA adapters only and the KL reference is the same model with its
+adapters off (no second copy; unless `ref_model` names another model); checkpoints hold the
+adapters. The value model (REINFORCE with a baseline, PPO) stays a full separate model, trained
+in full.
 """
 
 from __future__ import annotations
@@ -45,7 +50,14 @@ from openrlaif.training.rl.rollout import (
     sync_policy,
 )
 from openrlaif.training.rl.updater import Updater, make_rl_optimizer
-from openrlaif.training.run import TrainResult, one_writer_per_output_dir, prepare_run, simulate_kill
+from openrlaif.training.run import (
+    TrainResult,
+    apply_lora,
+    export_merged,
+    one_writer_per_output_dir,
+    prepare_run,
+    simulate_kill,
+)
 
 
 @one_writer_per_output_dir
@@ -73,9 +85,13 @@ def train_rl(
         ref_path = resolve_model_path(config.ref_model) if config.ref_model else sft_path
     source = str(checkpoint.model_dir) if checkpoint else sft_path
     tokenizer = load_tokenizer(source, config.revision, config.trust_remote_code)
-    policy = load_pretrained(AutoModelForCausalLM, source, config.revision, config.trust_remote_code)
-    reference = load_pretrained(AutoModelForCausalLM, ref_path, config.revision, config.trust_remote_code)
-    reference.to(device).eval().requires_grad_(False)
+    weights = sft_path if config.lora is not None else source  # with LoRA, the checkpoint holds the adapters
+    policy = load_pretrained(AutoModelForCausalLM, weights, config.revision, config.trust_remote_code)
+    policy = apply_lora(policy, config, checkpoint, "causal_lm")
+    reference = None  # with LoRA (and no `ref_model`): the policy with its adapters off
+    if config.lora is None or config.ref_model:
+        reference = load_pretrained(AutoModelForCausalLM, ref_path, config.revision, config.trust_remote_code)
+        reference.to(device).eval().requires_grad_(False)
     value_model = None
     if config.uses_value_model:
         value_source = str(checkpoint.path / "value") if checkpoint else sft_path
@@ -197,7 +213,10 @@ def train_rl(
         logger.close()
 
     model_dir = output_dir / "model"
-    save_model_folder(accelerator, policy, tokenizer, model_dir)
+    if export_merged(config):  # LoRA adapters merged into the weights (`lora.export`)
+        save_model_folder(accelerator, policy, tokenizer, model_dir, merged=True)
+    else:
+        save_model_folder(accelerator, policy, tokenizer, model_dir)
     if value_model is not None:
         save_model_folder(accelerator, value_model, tokenizer, output_dir / "value")
     accelerator.wait_for_everyone()

@@ -25,6 +25,7 @@ import torch
 from openrlaif.inference.local import Sample, sample
 from openrlaif.inference.server import RolloutSampler, sample_from_server
 from openrlaif.models.logprobs import IGNORE_INDEX, accepts_logits_to_keep, token_logprobs
+from openrlaif.models.lora import adapters_disabled
 from openrlaif.training.checkpoint import save_model_folder
 from openrlaif.training.errors import check_finite
 from openrlaif.training.rl.config import RLBaseConfig
@@ -69,7 +70,8 @@ def sync_policy(
     final, tmp = sync_dir / f"step-{step:08d}", sync_dir / f".step-{step:08d}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-    save_model_folder(accelerator, policy, tokenizer, tmp)  # collective; the main process writes
+    # collective; the main process writes. LoRA adapters merged: a server loads plain weights
+    save_model_folder(accelerator, policy, tokenizer, tmp, merged=True)
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -278,7 +280,7 @@ class Rollout:
 
 
 def score_rollout(
-    config: RLBaseConfig, accelerator: Any, policy: torch.nn.Module, reference: torch.nn.Module,
+    config: RLBaseConfig, accelerator: Any, policy: torch.nn.Module, reference: torch.nn.Module | None,
     value_model: torch.nn.Module | None, checkpointing: bool, seqs: Sequences, scores: torch.Tensor, step: int,
     last_checkpoint: Path | None,
 ) -> Rollout:  # fmt: skip
@@ -289,14 +291,17 @@ def score_rollout(
     forward itself gives the old log-probs and values: it runs with the same weights on the same
     inputs (dropout off), so its detached outputs are exactly those of a separate no-grad pass,
     which is skipped; `Rollout.forward` then hands out that pass. Otherwise they come from a
-    no-grad pass in `grad_accum_steps` chunks, before any update."""
+    no-grad pass in `grad_accum_steps` chunks, before any update. `reference` None: the policy
+    with its LoRA adapters off."""
     k, mask = config.num_samples, seqs.mask
     micro = prompt_groups(mask.shape[0] // k, k, config.grad_accum_steps)
     fused = config.one_update_per_rollout and len(micro) == 1
     with torch.no_grad(), accelerator.autocast():
-        ref_logp = torch.cat(
-            [response_logprobs(reference, seqs.rows(rows), share_prompts=True)[0] for rows in micro]
-        )
+        ref_model = reference if reference is not None else accelerator.unwrap_model(policy)
+        with adapters_disabled(policy) if reference is None else contextlib.nullcontext():
+            ref_logp = torch.cat(
+                [response_logprobs(ref_model, seqs.rows(rows), share_prompts=True)[0] for rows in micro]
+            )
         if not fused:
             old_logp = torch.cat(
                 [response_logprobs(policy, seqs.rows(rows), share_prompts=True)[0] for rows in micro]
