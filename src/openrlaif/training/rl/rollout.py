@@ -24,6 +24,7 @@ import torch
 
 from openrlaif.inference.local import Sample, sample
 from openrlaif.inference.server import RolloutSampler, sample_from_server
+from openrlaif.models.kv import cache_argument, output_cache
 from openrlaif.models.logprobs import IGNORE_INDEX, accepts_logits_to_keep, token_logprobs
 from openrlaif.models.lora import adapters_disabled
 from openrlaif.training.checkpoint import save_model_folder
@@ -179,7 +180,7 @@ def _shared_prompt_logits(model: torch.nn.Module, seqs: Sequences) -> torch.Tens
     one: dict[str, Any] = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
     out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                 use_cache=True, **one)  # fmt: skip
-    cache = out.past_key_values
+    cache = output_cache(out)
     if type(cache) is not DynamicCache:
         return None
     first = out.logits[:, -1:][inverse]  # the last prompt position predicts the first response token
@@ -188,7 +189,7 @@ def _shared_prompt_logits(model: torch.nn.Module, seqs: Sequences) -> torch.Tens
     cache.batch_select_indices(inverse)
     rest = model(
         input_ids=seqs.input_ids[:, prompt_width:], attention_mask=seqs.attention_mask,
-        position_ids=seqs.position_ids[:, prompt_width:], past_key_values=cache, use_cache=True,
+        position_ids=seqs.position_ids[:, prompt_width:], use_cache=True, **{cache_argument(model): cache},
     ).logits  # fmt: skip
     return torch.cat([first, rest], 1)
 
