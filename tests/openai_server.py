@@ -56,6 +56,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from openrlaif.models.kv import cache_argument, output_cache
+
 LOGPROB_FAULTS = {
     "nan": math.nan,
     "inf": math.inf,
@@ -120,8 +122,12 @@ class LocalLM:
             past: Any = None
             out = Generation([], [], [], "length", "")
             for _ in range(max_tokens):
-                step = self.model(input_ids=ids, past_key_values=past, use_cache=True)
-                past = step.past_key_values
+                step = self.model(
+                    input_ids=ids,
+                    use_cache=True,
+                    **({cache_argument(self.model): past} if past is not None else {}),
+                )
+                past = output_cache(step)
                 logits = step.logits[0, -1].float()
                 logprobs = torch.log_softmax(logits, dim=-1)
                 if temperature == 0:
