@@ -35,13 +35,7 @@ from openrlaif.training.config import load_train_config
 from openrlaif.training.dpo import REF_FILE
 from openrlaif.training.sft import collate, load_sft_examples
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

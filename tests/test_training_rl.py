@@ -214,14 +214,7 @@ class VowelJudge(ScriptedJudge):
         return [OrderJudgment(p_first=1 / (1 + math.exp(-3.0 * d))) for d in diff]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    """Tiny models gain nothing from more threads, and on a loaded machine spinning OpenMP
-    threads made these runs 20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
