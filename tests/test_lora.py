@@ -309,3 +309,20 @@ def test_two_sft_steps_with_lora_on_gemma_3_270m(tmp_path: Path) -> None:
     assert 0 < trainable < 0.05 * total
     assert all(torch.isfinite(torch.tensor(v)) for v in result.metrics.values())
     assert (result.model_dir / "model.safetensors").is_file()  # merged: a plain Gemma 3 folder
+
+
+def test_the_pipeline_trains_lora_policies_and_reward_model(tmp_path: Path) -> None:
+    """`lora:` inside a pipeline's stage settings: the tiny quickstart with LoRA for SFT, the reward
+    model and the RL policy runs end to end, each stage's model a plain merged folder."""
+    from openrlaif.cli import main
+
+    lora = "{r: 4, alpha: 8}"
+    sets = [f"policies.sft.settings.lora={lora}", f"policies.rlaif.settings.lora={lora}",
+            f"feedback.reward_model.lora={lora}", f"run_dir={tmp_path / 'run'}"]  # fmt: skip
+    assert main(["run", "quickstart-tiny", *[a for s in sets for a in ("--set", s)], "--quiet"]) == 0
+    run = tmp_path / "run"
+    for stage in ("sft", "rlaif", "rm"):
+        assert yaml.safe_load((run / stage / "config.yaml").read_text())["lora"]["r"] == 4
+        assert (run / stage / "model" / "model.safetensors").is_file()  # merged: no adapter files
+        assert not (run / stage / "model" / "adapter_config.json").exists()
+    assert (run / "report.html").is_file()
