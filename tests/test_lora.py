@@ -326,3 +326,17 @@ def test_the_pipeline_trains_lora_policies_and_reward_model(tmp_path: Path) -> N
         assert (run / stage / "model" / "model.safetensors").is_file()  # merged: no adapter files
         assert not (run / stage / "model" / "adapter_config.json").exists()
     assert (run / "report.html").is_file()
+
+
+def test_forward_arguments_are_read_through_the_peft_wrapper(tiny_gpt2: Path) -> None:
+    """A PeftModel's forward takes **kwargs: what the model beneath takes decides the cache's
+    argument name and whether logits can be kept for the last positions only."""
+    from openrlaif.models.kv import accepts_logits_to_keep, cache_argument, forward_parameters
+    from openrlaif.models.lora import add_lora
+    from openrlaif.training.config import LoRASettings
+
+    base = _causal_lm(tiny_gpt2)
+    expected = (cache_argument(base), accepts_logits_to_keep(base), forward_parameters(base))
+    wrapped = add_lora(_causal_lm(tiny_gpt2), LoRASettings(r=2), "causal_lm")
+    assert (cache_argument(wrapped), accepts_logits_to_keep(wrapped), forward_parameters(wrapped)) == expected
+    assert accepts_logits_to_keep(base)

@@ -21,14 +21,13 @@ import): commands that never sample start without them.
 from __future__ import annotations
 
 import hashlib
-import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal, NamedTuple
 
 from openrlaif.data.chat import encode_prompt, use_chat_template
 from openrlaif.errors import GenerationError
-from openrlaif.models.kv import cache_argument, output_cache
+from openrlaif.models.kv import accepts_logits_to_keep, cache_argument, output_cache
 
 
 def sample_seed(seed: int, key: str, index: int) -> int:
@@ -158,7 +157,7 @@ def shared_prompt_cache(model: Any, ids: Any, mask: Any, prompts: Sequence[Seque
         return None
     representative = torch.tensor([index.index(u) for u in range(len(first))], device=ids.device)
     sub_ids, sub_mask = ids[representative, :-1], mask[representative, :-1]
-    kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    kwargs = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
     out = model(
         input_ids=sub_ids, attention_mask=sub_mask, position_ids=(sub_mask.cumsum(-1) - 1).clamp(min=0),
         use_cache=True, **kwargs,

@@ -45,9 +45,14 @@ from openrlaif.judges.tokens import (
     score_label_tokens,
     score_log_distribution,
 )
-from openrlaif.models.kv import attention_layout, cache_argument, output_cache, position_masks
+from openrlaif.models.kv import (
+    accepts_logits_to_keep,
+    attention_layout,
+    cache_argument,
+    output_cache,
+    position_masks,
+)
 from openrlaif.models.loading import load_causal_lm, local_weights_stamp, resolve_device, resolve_dtype
-from openrlaif.models.logprobs import accepts_logits_to_keep
 
 logger = logging.getLogger(__name__)
 

@@ -1,5 +1,7 @@
 """Reusing keys and values across forward passes: a shared prompt prefix encoded once.
 
+- `forward_parameters` / `accepts_logits_to_keep`: what the model's forward takes, looked up
+  through DDP and peft wrappers (a `PeftModel`'s forward takes **kwargs and passes them on).
 - `cache_argument` / `output_cache`: transformers 5.24 renamed the forward's `past_key_values`
   to `cache` (the old name is deprecated until 5.40); both spellings are handled here, once.
 - `attention_layout`: what kind of attention each layer has. Plain causal layers and
@@ -25,9 +27,24 @@ if TYPE_CHECKING:
 FULL, SLIDING = "full_attention", "sliding_attention"
 
 
+def forward_parameters(model: Any) -> set[str]:
+    """The names the underlying transformers model's forward takes; looks through a DDP wrapper
+    and a peft model (whose forward takes **kwargs and passes them on)."""
+    inner = getattr(model, "module", model)  # DDP wraps the model
+    if callable(getattr(type(inner), "get_base_model", None)):  # a peft `PeftModel` (LoRA)
+        inner = inner.get_base_model()
+    return set(inspect.signature(inner.forward).parameters)
+
+
+def accepts_logits_to_keep(model: Any) -> bool:
+    """Whether the model's forward takes `logits_to_keep` (the LM head then runs on the last
+    positions only)."""
+    return "logits_to_keep" in forward_parameters(model)
+
+
 def cache_argument(model: Any) -> str:
     """The name of the model forward's key/value cache argument in this transformers version."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return "cache" if "cache" in forward_parameters(model) else "past_key_values"
 
 
 def output_cache(output: Any) -> Any:

@@ -3,26 +3,13 @@
 - `IGNORE_INDEX`: the label of tokens that carry no log-prob (prompt, padding), as in Hugging Face.
 - `token_logprobs`: log p(label) at each position, in float32.
 - `sequence_logprobs`: the summed log-probs of each sequence's labeled tokens.
-- `accepts_logits_to_keep`: whether a model computes logits for the last positions only.
 """
 
 from __future__ import annotations
 
-import inspect
-from typing import Any
-
 import torch
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding), as in Hugging Face models
-
-
-def accepts_logits_to_keep(model: Any) -> bool:
-    """Whether the model's forward takes `logits_to_keep` (the LM head then runs on the last
-    positions only); looks through a DDP wrapper and a peft model (which passes it on)."""
-    inner = getattr(model, "module", model)  # DDP wraps the model
-    if callable(getattr(type(inner), "get_base_model", None)):  # a peft `PeftModel` (LoRA)
-        inner = inner.get_base_model()
-    return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

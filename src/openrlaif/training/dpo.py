@@ -62,8 +62,9 @@ from safetensors.torch import save_file
 from openrlaif.data.chat import ChatTemplate, encode_prompt_completions, resolve_chat_template
 from openrlaif.data.examples import PreferenceExample
 from openrlaif.data.io import write_atomic
+from openrlaif.models.kv import accepts_logits_to_keep
 from openrlaif.models.loading import load_pretrained, load_tokenizer
-from openrlaif.models.logprobs import IGNORE_INDEX, accepts_logits_to_keep, token_logprobs
+from openrlaif.models.logprobs import IGNORE_INDEX, token_logprobs
 from openrlaif.models.lora import adapters_disabled
 from openrlaif.models.names import resolve_model_path
 from openrlaif.training.batching import ShardedBatches, eval_shard, pad_right

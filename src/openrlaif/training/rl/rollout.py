@@ -24,8 +24,8 @@ import torch
 
 from openrlaif.inference.local import Sample, sample
 from openrlaif.inference.server import RolloutSampler, sample_from_server
-from openrlaif.models.kv import cache_argument, output_cache
-from openrlaif.models.logprobs import IGNORE_INDEX, accepts_logits_to_keep, token_logprobs
+from openrlaif.models.kv import accepts_logits_to_keep, cache_argument, output_cache
+from openrlaif.models.logprobs import IGNORE_INDEX, token_logprobs
 from openrlaif.models.lora import adapters_disabled
 from openrlaif.training.checkpoint import save_model_folder
 from openrlaif.training.errors import check_finite
