@@ -29,9 +29,9 @@ def main(jobs: list[str]) -> None:
     rank = int(os.environ.get("RANK", "0"))
     saved: dict[str, str] = {}  # folder name -> this process's digest of the model saved there
 
-    def recording_save(accelerator: Any, model: Any, tokenizer: Any, directory: Path) -> None:
+    def recording_save(accelerator: Any, model: Any, tokenizer: Any, directory: Path, **kwargs: Any) -> None:
         saved[Path(directory).name] = weights_digest(accelerator.unwrap_model(model))
-        save_model_folder(accelerator, model, tokenizer, directory)
+        save_model_folder(accelerator, model, tokenizer, directory, **kwargs)
 
     rl.save_model_folder = recording_save  # every process calls it (a collective), the main one writes
     for job in jobs:

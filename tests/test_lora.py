@@ -146,6 +146,31 @@ def test_adapter_export_loads_with_peft_and_names_its_base(
     explicit = PeftModel.from_pretrained(_causal_lm(tiny_llama), folder).eval()
     assert torch.allclose(_logprobs(explicit, batch), expected, atol=1e-5)
 
+    # openrlaif's own loaders take the folder as a model: its base with the adapters merged in
+    from openrlaif.models.loading import load_causal_lm, load_model_config, load_pretrained
+
+    _, loaded = load_causal_lm(str(folder), torch.device("cpu"), torch.float32)
+    assert not hasattr(loaded, "peft_config")  # a plain transformers model
+    assert torch.allclose(_logprobs(loaded, batch), expected, atol=1e-5)
+    from transformers import AutoModelForCausalLM
+
+    trained = load_pretrained(AutoModelForCausalLM, str(folder)).eval()
+    assert torch.allclose(_logprobs(trained, batch), expected, atol=1e-5)
+    assert load_model_config(str(folder)).model_type == "llama"
+
+    # a second LoRA stage on top of the first's adapter folder exports adapters naming that folder;
+    # loading the second merges both, in order
+    second = SFTConfig(
+        model=str(folder), data=str(sft_data), output_dir=str(tmp_path / "sft2"), max_steps=2, batch_size=4,
+        learning_rate=3e-3, eval_every=0, save_every=2, eval_fraction=0.1, tensorboard=False, chat_template="off",
+        mixed_precision="no", lora={"r": 4, "target_modules": ["q_proj", "v_proj"], "export": "adapter"},
+    )  # fmt: skip
+    stacked = train_sft(second, show_progress=False)
+    stacked_config = yaml.safe_load((stacked.model_dir / "adapter_config.json").read_text())
+    assert stacked_config["base_model_name_or_path"] == str(folder)
+    _, both = load_causal_lm(str(stacked.model_dir), torch.device("cpu"), torch.float32)
+    assert torch.allclose(_logprobs(both, batch), _logprobs(stacked.model.eval(), batch), atol=1e-5)
+
 
 @pytest.mark.parametrize(
     ("model_type", "export"), [("sequence_classification", "adapter"), ("causal_lm_value_head", "merged")]
@@ -313,16 +338,21 @@ def test_two_sft_steps_with_lora_on_gemma_3_270m(tmp_path: Path) -> None:
 
 def test_the_pipeline_trains_lora_policies_and_reward_model(tmp_path: Path) -> None:
     """`lora:` inside a pipeline's stage settings: the tiny quickstart with LoRA for SFT, the reward
-    model and the RL policy runs end to end, each stage's model a plain merged folder."""
+    model and the RL policy runs end to end; SFT exports its adapters alone (`export: adapter`) and
+    the later stages start from that folder; the others are plain merged folders."""
     from openrlaif.cli import main
 
     lora = "{r: 4, alpha: 8}"
-    sets = [f"policies.sft.settings.lora={lora}", f"policies.rlaif.settings.lora={lora}",
+    sets = ["policies.sft.settings.lora={r: 4, alpha: 8, export: adapter}", f"policies.rlaif.settings.lora={lora}",
             f"feedback.reward_model.lora={lora}", f"run_dir={tmp_path / 'run'}"]  # fmt: skip
     assert main(["run", "quickstart-tiny", *[a for s in sets for a in ("--set", s)], "--quiet"]) == 0
     run = tmp_path / "run"
     for stage in ("sft", "rlaif", "rm"):
         assert yaml.safe_load((run / stage / "config.yaml").read_text())["lora"]["r"] == 4
+    # SFT exported its adapters alone; sampling candidates, RL (from SFT) and eval started from them
+    assert (run / "sft" / "model" / "adapter_config.json").is_file()
+    assert not (run / "sft" / "model" / "model.safetensors").exists()
+    for stage in ("rlaif", "rm"):
         assert (run / stage / "model" / "model.safetensors").is_file()  # merged: no adapter files
         assert not (run / stage / "model" / "adapter_config.json").exists()
     assert (run / "report.html").is_file()

@@ -175,6 +175,68 @@ def test_rl_reinforce_on_two_processes_shards_prompts_and_keeps_policy_and_value
     assert all(r["train/value_loss"] > 0 for r in rows)
 
 
+def test_lora_sft_dpo_and_rl_on_two_processes_keep_identical_adapters(
+    tiny_gpt2: Path, tmp_path: Path
+) -> None:
+    """LoRA under DDP: only the adapters are in the gradient all-reduce (the frozen base is not a
+    DDP parameter); both processes end with the same adapters and write adapter-only checkpoints
+    and a merged export."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from openrlaif.models.heads import ValueHeadModel
+    from openrlaif.models.loading import load_tokenizer
+    from openrlaif.training.reward import METADATA_FILE
+
+    sft_data = write(tmp_path / "sft.jsonl", sft_rows(64))
+    pref_data = write(tmp_path / "pairs.jsonl", preference_rows(64))
+    prompts = write(
+        tmp_path / "prompts.jsonl", [{"id": r["id"], "prompt": r["prompt"]} for r in sft_rows(32)]
+    )
+    rm_dir = tmp_path / "rm"
+    torch.manual_seed(0)
+    ValueHeadModel.from_pretrained(str(tiny_gpt2)).save_pretrained(rm_dir)
+    load_tokenizer(str(tiny_gpt2)).save_pretrained(rm_dir)
+    (rm_dir / METADATA_FILE).write_text(json.dumps({"model_type": "causal_lm_value_head", "max_length": 64}))
+    common = dict(model=str(tiny_gpt2), max_steps=3, learning_rate=1e-2, save_every=2, tensorboard=False,
+                  mixed_precision="no", lora={"r": 4, "alpha": 8}, record_example_ids=True)  # fmt: skip
+    runs = {
+        "sft": dict(data=str(sft_data), batch_size=4, eval_every=0, eval_fraction=0.1, **common),
+        "dpo": dict(data=str(pref_data), batch_size=4, eval_every=0, eval_fraction=0.1, **common),
+        "rl": dict(
+            data=str(prompts),
+            algorithm="rloo",
+            reward={"type": "reward_model", "path": str(rm_dir)},
+            num_samples=2,
+            batch_size=2,
+            max_new_tokens=3,
+            **common,
+        ),
+    }
+    jobs = []
+    for algorithm, settings in runs.items():
+        settings["output_dir"] = str(tmp_path / algorithm)
+        (tmp_path / f"{algorithm}.yaml").write_text(yaml.safe_dump(settings), encoding="utf-8")
+        jobs.append(f"{algorithm}:{tmp_path / f'{algorithm}.yaml'}")
+    _launch_two_processes(jobs, tmp_path)
+
+    initial = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
+    for algorithm, settings in runs.items():
+        out = Path(settings["output_dir"])
+        ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+        assert [r["world_size"] for r in ranks] == [2, 2], algorithm
+        assert [r["steps"] for r in ranks] == [3, 3], algorithm
+        assert ranks[0]["sha256"] == ranks[1]["sha256"], f"{algorithm}: the processes' adapters differ"
+        ids = [[json.loads(x)["ids"] for x in (out / f"example_ids.rank{r}.jsonl").read_text().splitlines()]
+               for r in range(2)]  # fmt: skip
+        assert all(not set(a) & set(b) for a, b in zip(*ids, strict=True)), f"{algorithm}: shared examples"
+        checkpoint = out / "checkpoints" / "step-00000002" / "model"
+        assert (checkpoint / "adapter_model.safetensors").is_file(), algorithm  # adapters only
+        assert not (checkpoint / "model.safetensors").exists(), algorithm
+        merged = AutoModelForCausalLM.from_pretrained(out / "model")  # the export: adapters merged in
+        assert weights_digest(merged) != weights_digest(initial), f"{algorithm}: training changed nothing"
+
+
 @pytest.fixture(autouse=True)
 def _no_stray_accelerate_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """A user's ~/.cache/huggingface/accelerate config must not change what the test launches."""

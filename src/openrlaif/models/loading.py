@@ -11,11 +11,16 @@ always passed on; names such as `tiny:gpt2` or `builtin:...` are resolved first
   dtype), as the judge and `generate` use them.
 - `load_model_config`: a model's config alone (its positions, its architecture).
 - `quiet_transformers`: transformers' loading reports and weight bars off (we print our own progress).
+
+A folder of LoRA adapters alone (a trainer's `lora.export: adapter`; peft's format, whose
+`adapter_config.json` names the base model) loads as its base model with the adapters merged in,
+so any stage can start from it; `RewardModel.from_pretrained` keeps a reward model's apart.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +30,8 @@ from openrlaif.models.names import resolve_model_path
 if TYPE_CHECKING:
     import torch
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+ADAPTER_CONFIG = "adapter_config.json"  # peft's adapter folder (models/lora.py writes them)
 
 
 def quiet_transformers() -> None:
@@ -72,11 +79,45 @@ def load_pretrained(
     import torch  # why: `openrlaif generate` against a server never needs torch; keep its start-up light
 
     try:
-        return auto_class.from_pretrained(
-            path, revision=revision, trust_remote_code=trust_remote_code, dtype=torch.float32, **kwargs
+        return _from_pretrained(
+            auto_class,
+            path,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            dtype=torch.float32,
+            **kwargs,
         )
     except (OSError, ValueError) as e:
         raise _load_error(path, e) from None
+
+
+def adapter_base(directory: str | Path) -> str | None:
+    """The base model an adapter folder (`save_adapter_folder`, peft's format) applies to; None
+    for a folder that is not one."""
+    config_file = Path(directory) / ADAPTER_CONFIG
+    if not config_file.exists():
+        return None
+    return str(json.loads(config_file.read_text(encoding="utf-8"))["base_model_name_or_path"])
+
+
+def merge_adapter_folder(model: Any, directory: str | Path) -> Any:
+    """The adapters of an adapter folder merged into their base `model`: a plain transformers
+    model, as if the run had exported `merged` (a later stage starts from it)."""
+    from peft import PeftModel  # why: peft imports torch and transformers
+
+    merged = PeftModel.from_pretrained(model, str(directory)).merge_and_unload()
+    # peft records the model's name_or_path as a new adapter's base: it is this folder now
+    merged.name_or_path = merged.config._name_or_path = str(directory)
+    return merged
+
+
+def _from_pretrained(auto_class: Any, path: str, **kwargs: Any) -> Any:
+    """`auto_class.from_pretrained(path)`; an adapter folder: its base (itself perhaps an adapter
+    folder) with the adapters merged in."""
+    base = adapter_base(path)
+    if base is None:
+        return auto_class.from_pretrained(path, **kwargs)
+    return merge_adapter_folder(_from_pretrained(auto_class, base, **kwargs), path)
 
 
 def load_model_config(
@@ -85,6 +126,9 @@ def load_model_config(
     """A model's `config.json` (positions, architectures) without its weights."""
     from transformers import AutoConfig  # why: transformers is slow to import
 
+    base = adapter_base(path)  # an adapter folder has its base model's config
+    if base is not None:
+        return load_model_config(base, revision, trust_remote_code)
     return AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
 
 
@@ -120,8 +164,12 @@ def load_causal_lm(
     common: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **common)
-        model: Any = AutoModelForCausalLM.from_pretrained(
-            name, dtype=dtype, device_map=str(device) if device.type == "cuda" else None, **common
+        model: Any = _from_pretrained(
+            AutoModelForCausalLM,
+            name,
+            dtype=dtype,
+            device_map=str(device) if device.type == "cuda" else None,
+            **common,
         )
     except (OSError, ValueError, KeyError, ImportError, RuntimeError) as e:
         raise ConfigError(

@@ -10,6 +10,8 @@
 - `save_adapter_folder` / `load_adapter_weights`: the adapters (plus any trainable head) as
   peft's folder (`adapter_config.json` + `adapter_model.safetensors`, `base_model_name_or_path`
   the resolved base), and back into a model built by `add_lora` (exact: the same tensors).
+- `attach_adapter_folder`: an adapter folder's adapters on their base model, kept apart (a reward
+  model; `models/loading` merges them in wherever a folder is taken as a model).
 - `save_merged_folder`: the adapters merged into a deep copy of the model (training goes on with
   the adapters), saved as a plain transformers folder.
 
@@ -26,11 +28,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from openrlaif.models.loading import ADAPTER_CONFIG
+
 if TYPE_CHECKING:
     import torch
 
 LoRATask = Literal["causal_lm", "sequence_classification", "value_head"]
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 class LoRAOptions(Protocol):
@@ -172,15 +175,6 @@ def load_adapter_weights(model: Any, directory: Path) -> None:
         from openrlaif.models.heads import VALUE_HEAD_FILE  # why: heads imports torch at module level
 
         inner.value_head.load_state_dict(load_file(str(directory / VALUE_HEAD_FILE)))
-
-
-def adapter_base(directory: str | Path) -> str | None:
-    """The base model an adapter folder (`save_adapter_folder`, peft's format) applies to; None
-    for a folder that is not one."""
-    config_file = Path(directory) / ADAPTER_CONFIG
-    if not config_file.exists():
-        return None
-    return str(json.loads(config_file.read_text(encoding="utf-8"))["base_model_name_or_path"])
 
 
 def attach_adapter_folder(model: Any, directory: str | Path, task: LoRATask) -> Any:

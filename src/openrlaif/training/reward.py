@@ -49,8 +49,14 @@ from openrlaif.data.chat import (
 from openrlaif.data.examples import PreferenceExample, parse_preference_row
 from openrlaif.errors import ConfigError
 from openrlaif.models.heads import ValueHeadModel
-from openrlaif.models.loading import load_model_config, load_pretrained, load_tokenizer, quiet_transformers
-from openrlaif.models.lora import LoRATask, adapter_base, attach_adapter_folder
+from openrlaif.models.loading import (
+    adapter_base,
+    load_model_config,
+    load_pretrained,
+    load_tokenizer,
+    quiet_transformers,
+)
+from openrlaif.models.lora import LoRATask, attach_adapter_folder
 from openrlaif.training.batching import ShardedBatches, eval_shard, pad_right
 from openrlaif.training.config import TrainConfig
 from openrlaif.training.losses import soft_label_loss
