@@ -1,7 +1,8 @@
 """llama.cpp's OpenAI-compatible server (`llama-cpp-python[server]`, part of the dev set-up; it
 compiles llama.cpp once, ~10 minutes on 2 cores, and pip caches the wheel), started here on
 127.0.0.1 with the Gemma 3 270M GGUF file: the `openai` judge's soft labels against the in-process
-`hf` judge on the same weights, and `generate` through it.
+`hf` judge on the same weights, `generate` through it, and RL rollouts sampled by a server that
+openrlaif restarts on each new policy (written as GGUF).
 
 llama.cpp runs the Q4_K_M-quantised kernels; the `hf` judge runs the dequantised float32 weights.
 Measured on 16 ordered pairs (2026-11-29): mean |ΔP(first)| 0.021, max 0.080, the same argmax on
@@ -10,21 +11,22 @@ all 16; the tolerance below leaves room for that.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from openrlaif.config import HFJudgeConfig, OpenAIJudgeConfig
 from openrlaif.data.datasets import load_pairs
 from openrlaif.data.io import read_jsonl_dicts
 from openrlaif.generation import GenerateConfig, generate
+from openrlaif.inference.llama_cpp import LlamaCppServer
 from openrlaif.inference.server import ServerConfig
 from openrlaif.judges import build_judge
 from openrlaif.judges.base import OrderedPair
@@ -48,32 +50,12 @@ def free_port() -> int:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     resolve_model_path(GEMMA)  # assembles the GGUF file (and converts it for the hf judge)
     gguf = models_dir() / "gemma-3-270m-q4_k_m.gguf"
-    port = free_port()
     log = tmp_path_factory.mktemp("llama") / "server.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", ALIAS,
-             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "2", "--seed", "0"],
-            stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    base = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"llama.cpp's server exited: {log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{base}/models", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"llama.cpp's server did not answer within 180 s: {log.read_text()[-2000:]}")
-            time.sleep(0.5)
-        yield base
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    with LlamaCppServer(
+        free_port(), ALIAS, log, args=["--n_ctx", "2048", "--n_threads", "2", "--seed", "0"]
+    ) as process:
+        process.start(gguf)
+        yield process.base_url
 
 
 def test_openai_judge_through_llama_cpp_agrees_with_the_hf_judge(server: str) -> None:
@@ -106,3 +88,47 @@ def test_generate_samples_through_llama_cpp(server: str, tmp_path: Path) -> None
         isinstance(r["response"], str) for r in rows
     )
     assert all(r["finish_reason"] in ("stop", "length") for r in rows)
+
+
+def test_rl_rollouts_through_llama_cpp_restarted_on_each_policy(tmp_path: Path) -> None:
+    """RL (RLOO, LoRA) on Gemma 3 270M with its rollouts sampled by llama.cpp's server, which
+    openrlaif runs and restarts on the policy written as a GGUF file before every step; prompts go
+    as text, samples are re-tokenised. The GGUF file holds the policy's weights (Gemma's norms as
+    1 + w), and the server is gone when training ends."""
+    import gguf as gguf_package
+    from safetensors.torch import load_file
+
+    from openrlaif.training.rl import RLConfig, train_rl
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_training_rl import VowelJudge
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(f'{{"id": "p{i}", "prompt": "\\n\\nHuman: Name a {w}.\\n\\nAssistant:"}}\n'
+                               for i, w in enumerate(["fruit", "color"])), encoding="utf-8")  # fmt: skip
+    port = free_port()
+    config = RLConfig(
+        algorithm="rloo", model=GEMMA, data=str(prompts), output_dir=str(tmp_path / "rl"),
+        reward={"type": "judge_score", "judge": "scripted"}, num_samples=2, batch_size=2, max_new_tokens=8,
+        max_steps=2, learning_rate=1e-3, save_every=100, tensorboard=False, lora={"r": 4},
+        rollout_server={"model": "policy", "base_urls": [f"http://127.0.0.1:{port}/v1"], "api_key_env": None,
+                        "concurrency": 1, "timeout_s": 300, "tokens": "text", "reload": "llama_cpp",
+                        "gguf_like": GEMMA, "llama_cpp_args": ["--n_ctx", "512", "--n_threads", "2", "--seed", "0"]},
+    )  # fmt: skip
+    result = train_rl(config, show_progress=False, judge=VowelJudge())
+    assert result.steps == 2
+    sync = tmp_path / "rl" / "rollout_policy"
+    log = (sync / "llama_cpp.0.log").read_text()
+    assert log.count("Uvicorn running on") == 2  # started on step 0's policy, restarted on step 1's
+    with pytest.raises(httpx.TransportError):  # stopped with the run
+        httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+
+    folder = sync / "step-00000001"  # the policy after step 1, merged, and the GGUF file served
+    weights = {k: v for f in folder.glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    tensors = {t.name: t for t in gguf_package.GGUFReader(folder / "policy.gguf").tensors}
+    q = torch.from_numpy(tensors["blk.3.attn_q.weight"].data.astype("float32"))
+    assert torch.allclose(q, weights["model.layers.3.self_attn.q_proj.weight"], atol=2e-3, rtol=1e-2)
+    norm = torch.from_numpy(tensors["blk.3.attn_norm.weight"].data.copy())
+    assert torch.equal(norm, weights["model.layers.3.input_layernorm.weight"] + 1)
+    rows = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["train/response_length"] > 0 for r in rows)

@@ -434,6 +434,44 @@ def test_rollouts_through_a_server_that_reloads_the_policy(
             train_rl(config, show_progress=False, judge=VowelJudge())
 
 
+def test_rollouts_through_a_text_only_server_are_re_tokenised(
+    tiny_gpt2: Path, prompts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`tokens: text` (llama.cpp's server takes no token ids and returns none): each prompt goes as
+    the text of the trainer's encoding, and the sampled text comes back as the trainer's tokens
+    (plus the EOS a stopped sample ended with); the server's log-probs are not used."""
+    from openai_server import LocalLM, OpenAITestServer
+
+    import openrlaif.training.rl.rollout as rollout
+    from openrlaif.models.loading import load_tokenizer
+
+    kept: list[list[Any]] = []
+    real = rollout.sample_from_server
+    monkeypatch.setattr(rollout, "sample_from_server", lambda *a, **k: kept.append(real(*a, **k)) or kept[-1])
+    tokenizer = load_tokenizer(str(tiny_gpt2))
+    with OpenAITestServer(LocalLM(tiny_gpt2, name="policy")) as server:
+        config = rl_config(tiny_gpt2, prompts, tmp_path / "rl", algorithm="rloo", max_steps=2, batch_size=2,
+                           max_new_tokens=6, rollout_server={"model": "policy", "base_urls": [server.url],
+                                                             "api_key_env": None, "tokens": "text"})  # fmt: skip
+        train_rl(config, show_progress=False, judge=VowelJudge())
+        completions = [r for r in server.posts() if r.path == "/v1/completions"]
+    assert len(completions) == 2 * 2 * 4 and all(isinstance(r.body["prompt"], str) for r in completions)
+    samples = [s for step in kept for s in step]
+    assert len(samples) == len(completions)
+    # requests run concurrently: compare as multisets (GPT-2 has no BOS to drop)
+    assert sorted(r.body["prompt"] for r in completions) == sorted(
+        tokenizer.decode(s.prompt_ids) for s in samples
+    )
+    for sample in samples:
+        response = sample.response_ids
+        if response and response[-1] == tokenizer.eos_token_id:
+            response = response[:-1]
+        assert tokenizer.decode(response).strip() == sample.response_text and sample.sampler_logprobs is None
+    assert all(
+        row["train/rollout_logp_gap"] != row["train/rollout_logp_gap"] for row in metric_rows(tmp_path / "rl")
+    )
+
+
 def test_reward_model_source_scores_with_its_own_tokenizer(
     tiny_gpt2: Path, tiny_llama: Path, prompts: Path, tmp_path: Path
 ) -> None:

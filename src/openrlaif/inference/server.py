@@ -6,7 +6,10 @@ just that one; vLLM's prefix cache shares the prompt's work. `RolloutSampler` (R
 `rollout_server:`) sends the prompt as token ids (the trainer's encoding) and reads back the
 sampled token ids, and makes every server reload the policy's weights from disk
 (`reload_weights`), so the server samples from the policy being trained; `sample_from_server` is
-`local.sample` through it.
+`local.sample` through it. A server that takes no token ids and returns none (llama.cpp's) is
+used with `tokens: text`: the prompt goes as text and the sampled text is re-tokenised by the
+trainer's tokenizer; one that cannot load new weights is restarted on them by openrlaif
+(`reload: llama_cpp`: llama.cpp's server run as a child process, the policy written as GGUF).
 
 Both hold an `inference.http.OpenAIClient` for the transport: bounded concurrency, retries,
 fleets, the API key from the environment.
@@ -20,13 +23,16 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import httpx
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from openrlaif.config import StrictModel
 from openrlaif.data.chat import to_messages
 from openrlaif.errors import GenerationError
 from openrlaif.inference.http import OpenAIClient
+from openrlaif.inference.llama_cpp import LlamaCppServer
 from openrlaif.inference.local import Sample, eos_token_ids, prepare_rows
+from openrlaif.models.gguf import source_gguf, write_gguf
+from openrlaif.models.names import models_dir
 
 # ---------------------------------------------------------------- config
 
@@ -48,12 +54,23 @@ class ServerConfig(StrictModel):
 class RolloutServerConfig(ServerConfig):
     """RL rollouts from an OpenAI-compatible server. The policy changes every step, so every
     `sync_every` steps (and at the start of a run, resumed or not) the trainer saves it as a
-    Hugging Face folder under `sync_dir` and POSTs `reload_body` to `reload_endpoint` at every
-    server's root (the base URL without `/v1`); the default is SGLang's
-    `POST /update_weights_from_disk {"model_path": ...}`. Prompts go as token ids (the trainer's
-    encoding, chat template included) to `/completions`; the sampled token ids come back through
-    vLLM's `return_token_ids` (or `return_tokens_as_token_ids` log-probs): text is never
-    re-tokenised. The trainer computes the old-policy and reference log-probs itself."""
+    Hugging Face folder under `sync_dir` and has every server load it:
+
+    - `reload: endpoint` (vLLM, SGLang): POSTs `reload_body` to `reload_endpoint` at every server's
+      root (the base URL without `/v1`); the default is SGLang's
+      `POST /update_weights_from_disk {"model_path": ...}`.
+    - `reload: llama_cpp`: llama.cpp's server has no such endpoint, so openrlaif runs it itself
+      (`llama-cpp-python[server]`, one process per base URL, which must be on this machine) and
+      restarts it on the policy written as a GGUF file (`gguf_type`), whose metadata (tokenizer,
+      chat template) comes from the GGUF file the policy was trained from (`gguf_like`).
+
+    `tokens: ids` (vLLM, SGLang): prompts go as token ids (the trainer's encoding, chat template
+    included) to `/completions`; the sampled ids come back through vLLM's `return_token_ids` (or
+    `return_tokens_as_token_ids` log-probs): text is never re-tokenised. `tokens: text` (llama.cpp,
+    servers that take text only): the prompt goes as the text of the trainer's encoding, and the
+    sampled text is re-tokenised by the trainer's tokenizer, which can split it differently from
+    the tokens the server sampled (the trainer's log-probs are of its own split). The trainer
+    computes the old-policy and reference log-probs itself either way."""
 
     sync_dir: str | None = None  # default: <output_dir>/rollout_policy; the servers must read this path
     # steps between weight syncs (> 1: rollouts from a policy up to sync_every - 1 steps old)
@@ -62,6 +79,33 @@ class RolloutServerConfig(ServerConfig):
     # the JSON body of the reload request; "{path}" in a string becomes the saved folder's path
     reload_body: dict[str, Any] = Field(default_factory=lambda: {"model_path": "{path}"})
     reload_timeout_s: float = Field(default=600.0, gt=0)  # a large model takes a while to load
+    tokens: Literal["ids", "text"] = "ids"  # text: for servers without token-id prompts (llama.cpp)
+    reload: Literal["endpoint", "llama_cpp"] = "endpoint"
+    gguf_like: str | None = (
+        None  # reload llama_cpp: the GGUF model the policy came from (gguf:/path, packaged:...)
+    )
+    gguf_type: Literal["f32", "f16", "bf16", "q8_0"] = "f16"  # reload llama_cpp: the policy's matrices
+    llama_cpp_args: list[str] = Field(default_factory=list)  # reload llama_cpp: more server settings
+
+    @model_validator(mode="after")
+    def _llama_cpp(self) -> RolloutServerConfig:
+        if self.reload == "llama_cpp":
+            if self.tokens != "text":
+                raise ValueError(
+                    "reload llama_cpp needs `tokens: text`: llama.cpp's server takes no token ids"
+                )
+            if self.gguf_like is None:
+                raise ValueError(
+                    "reload llama_cpp needs `gguf_like`: the GGUF model the policy was trained from "
+                    "(e.g. packaged:gemma-3-270m), whose tokenizer and metadata the policy's GGUF file copies"
+                )
+            for url in self.base_urls:
+                parsed = httpx.URL(url)
+                if parsed.host not in ("127.0.0.1", "localhost") or parsed.port is None:
+                    raise ValueError(
+                        f"reload llama_cpp runs the servers here: {url} must be http://127.0.0.1:PORT/v1"
+                    )
+        return self
 
     @field_validator("endpoint")
     @classmethod
@@ -85,9 +129,10 @@ class RolloutServerConfig(ServerConfig):
 class ServerSample:
     """One sampled response as text."""
 
-    text: str
+    text: str  # stripped of surrounding white space
     finish_reason: str
     num_tokens: int | None  # from the reply's usage, when the server reports it
+    raw: str = ""  # as the server sent it (RL re-tokenises this: a leading space is a token)
 
 
 class ServerSampler:
@@ -128,7 +173,7 @@ def _read_sample(data: Any) -> ServerSample:
         raise TypeError("the reply's text is not a string")
     usage = data.get("usage") or {}
     tokens = usage.get("completion_tokens")
-    return ServerSample(text.strip(), str(choice.get("finish_reason") or "unknown"), tokens)
+    return ServerSample(text.strip(), str(choice.get("finish_reason") or "unknown"), tokens, text)
 
 
 # ---------------------------------------------------------------- token samples and weight reload (RL)
@@ -154,6 +199,13 @@ class RolloutSampler(ServerSampler):
     ) -> None:
         super().__init__(config, temperature, top_p, max_new_tokens)
         self.config: RolloutServerConfig = config  # the same object, typed with its reload settings
+        self.llama_cpp: list[LlamaCppServer] = []  # reload llama_cpp: the servers openrlaif runs
+
+    def close(self) -> None:
+        """Stop the servers openrlaif started and close the connections."""
+        for process in self.llama_cpp:
+            process.stop()
+        self.client.close()
 
     def sample_tokens(self, items: Sequence[tuple[list[int], int]]) -> list[TokenSample]:
         """One sample per (prompt token ids, seed), in order, requests running concurrently."""
@@ -170,8 +222,27 @@ class RolloutSampler(ServerSampler):
 
     def reload_weights(self, path: Path) -> None:
         """Every server (all of `base_urls`) loads the policy saved in `path`."""
+        if self.config.reload == "llama_cpp":
+            self._restart_llama_cpp(path)
+            return
         urls = [server.url for server in self.client.servers]
         self.client.run(self.client.gather([self._reload(url, path) for url in urls]))
+
+    def _restart_llama_cpp(self, path: Path) -> None:
+        """The policy in `path` written as `path/policy.gguf`, every llama.cpp server (re)started on it."""
+        assert self.config.gguf_like is not None  # the config's validator saw to it
+        gguf = write_gguf(path, source_gguf(self.config.gguf_like, models_dir()), path / "policy.gguf",
+                          self.config.gguf_type)  # fmt: skip
+        if not self.llama_cpp:
+            for i, url in enumerate(self.config.base_urls):
+                port = httpx.URL(url).port
+                assert port is not None
+                self.llama_cpp.append(
+                    LlamaCppServer(port, self.config.model, path.parent / f"llama_cpp.{i}.log",
+                                   args=self.config.llama_cpp_args, startup_timeout_s=self.config.reload_timeout_s)
+                )  # fmt: skip
+        for process in self.llama_cpp:
+            process.start(gguf)
 
     async def _reload(self, base_url: str, path: Path) -> None:
         url = base_url.removesuffix("/v1") + self.config.reload_endpoint
@@ -248,8 +319,13 @@ def sample_from_server(
         seed, max_new_tokens, chat_template,
     )  # fmt: skip
     eos = eos_token_ids(model, tokenizer)
+    if server.config.tokens == "text":
+        replies = [_retokenised(got, tokenizer) for got in server.sample([(_prompt_text(tokenizer, ids), seed)
+                                                                          for ids, seed in rows])]  # fmt: skip
+    else:
+        replies = server.sample_tokens(rows)
     samples = []
-    for (prompt_ids, _), got in zip(rows, server.sample_tokens(rows), strict=True):
+    for (prompt_ids, _), got in zip(rows, replies, strict=True):
         response, logprobs = got.token_ids[:max_new_tokens], got.logprobs
         if got.finish_reason == "stop" and (not response or response[-1] not in eos):
             response = [*response, tokenizer.eos_token_id if tokenizer.eos_token_id is not None else min(eos)]
@@ -259,3 +335,17 @@ def sample_from_server(
         text = tokenizer.decode(response, skip_special_tokens=True).strip()
         samples.append(Sample(list(prompt_ids), response, text, logprobs))
     return samples
+
+
+def _prompt_text(tokenizer: Any, prompt_ids: list[int]) -> str:
+    """The text a text-only server is sent for the trainer's encoding of a prompt: its special
+    tokens (a chat template's) kept, its leading BOS dropped (the server adds its own)."""
+    if prompt_ids and tokenizer.bos_token_id is not None and prompt_ids[0] == tokenizer.bos_token_id:
+        prompt_ids = prompt_ids[1:]
+    return str(tokenizer.decode(prompt_ids, skip_special_tokens=False))
+
+
+def _retokenised(got: ServerSample, tokenizer: Any) -> TokenSample:
+    """A text reply as the trainer's tokens (no server log-probs: they are of the server's split)."""
+    ids = tokenizer(got.raw, add_special_tokens=False)["input_ids"]
+    return TokenSample(list(ids), None, got.finish_reason)

@@ -103,3 +103,119 @@ def gemma_folder(models_dir: Path) -> str:
     data = Path(str(files(GEMMA_PACKAGE).joinpath("data")))
     extras = [data / f for f in GEMMA_LICENSE_FILES if (data / f).is_file()]
     return str(convert_gguf(gguf, out, extras))
+
+
+# ---------------------------------------------------------------- back to GGUF (llama.cpp serves the policy)
+
+GGUF_TENSOR_TYPES = ("f32", "f16", "bf16", "q8_0")
+# The transformers GGUF reader's per-architecture tensor transforms that `write_gguf` inverts: none
+# for most, Gemma's norms stored as 1 + w. Architectures whose reader permutes or splits tensors
+# (llama's q/k, MoE experts, ...) are refused rather than written wrongly.
+_PLAIN_ARCHS = ("qwen2", "qwen3", "phi3", "gemma3", "gemma2", "mistral", "starcoder2", "stablelm", "olmo")
+_NORM_PLUS_ONE = ("gemma2", "gemma3")
+
+
+def write_gguf(model_folder: Path, like: Path, out: Path, tensor_type: str = "f16") -> Path:
+    """The causal LM in `model_folder` (a transformers folder of a model read from the GGUF file
+    `like`, e.g. a policy trained from it) written as a GGUF file at `out` that llama.cpp serves:
+    the metadata (architecture, tokenizer, chat template) copied from `like`, every tensor of `like`
+    replaced by the folder's weights (matrices as `tensor_type`, vectors float32). Written under a
+    temporary name and renamed."""
+    import gguf  # why: an optional package, only for GGUF models
+    import numpy as np
+    from safetensors import safe_open  # why: reads the folder's tensors one by one
+
+    reader = gguf.GGUFReader(like)
+    arch = str(reader.get_field(gguf.Keys.General.ARCHITECTURE).contents())  # type: ignore[union-attr]
+    if arch not in _PLAIN_ARCHS:
+        raise ConfigError(
+            f"writing a GGUF file: architecture {arch!r} is not supported (supported: {', '.join(_PLAIN_ARCHS)})"
+        )
+    model_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    blocks = int(reader.get_field(f"{arch}.block_count").contents())  # type: ignore[union-attr]
+    names = gguf.get_tensor_name_map(model_arch, blocks)
+    template = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
+    quant = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+             "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[tensor_type]  # fmt: skip
+
+    tensors: dict[str, Any] = {}
+    for file in sorted(model_folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118  # a safe_open handle is not a dict
+                tensors[key] = f.get_tensor(key).float().numpy()
+    written: dict[str, Any] = {}
+    for hf_name, data in tensors.items():
+        stem, _, suffix = hf_name.rpartition(".")
+        gguf_name = names.get_name(stem)
+        if gguf_name is None:
+            raise ConfigError(f"writing a GGUF file: no {arch} GGUF tensor for {hf_name} ({model_folder})")
+        gguf_name = f"{gguf_name}.{suffix}"
+        if gguf_name not in template:
+            if gguf_name == "output.weight":  # a tied output head: the GGUF reuses token_embd
+                continue
+            raise ConfigError(f"writing a GGUF file: {like.name} has no tensor {gguf_name} (from {hf_name})")
+        if template[gguf_name] != data.shape:
+            raise ConfigError(
+                f"writing a GGUF file: {hf_name} has shape {data.shape}, {like.name}'s {gguf_name} {template[gguf_name]}"
+                " (is this model trained from that file?)"
+            )
+        if arch in _NORM_PLUS_ONE and gguf_name.endswith("norm.weight"):
+            data = data + 1.0  # Gemma's RMSNorm scales by (1 + w); GGUF stores the factor
+        written[gguf_name] = data
+    missing = sorted(set(template) - set(written))
+    if missing:
+        raise ConfigError(
+            f"writing a GGUF file: {model_folder} lacks {len(missing)} of the tensors, e.g. {missing[0]}"
+        )
+
+    tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(tmp, arch)
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name in (
+            gguf.Keys.General.ARCHITECTURE,
+            gguf.Keys.General.FILE_TYPE,
+        ):
+            continue
+        value_type = field.types[0]
+        sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), value_type, sub_type=sub_type)
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[tensor_type]  # fmt: skip
+    writer.add_file_type(int(file_type))
+    for t in reader.tensors:  # the template's order
+        data = written[t.name]
+        if data.ndim == 1 or quant == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(t.name, np.ascontiguousarray(data, dtype=np.float32))
+        elif quant == gguf.GGMLQuantizationType.F16:
+            writer.add_tensor(t.name, np.ascontiguousarray(data, dtype=np.float16))
+        else:
+            packed = gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), quant)
+            writer.add_tensor(t.name, packed, raw_dtype=quant)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(tmp, out)
+    return out
+
+
+def source_gguf(name: str, models_dir: Path) -> Path:
+    """The GGUF file behind a model name: `gguf:/path` itself, `packaged:gemma-3-270m`'s assembled
+    file, or a folder that `convert_gguf` wrote (its record names the file)."""
+    if name.startswith("gguf:"):
+        path = Path(name.removeprefix("gguf:")).expanduser()
+    elif name == GEMMA:
+        gemma_folder(models_dir)  # assembles it when needed
+        path = Path(
+            json.loads((models_dir / "gemma-3-270m" / SOURCE_FILE).read_text(encoding="utf-8"))["gguf"]
+        )
+    elif (Path(name) / SOURCE_FILE).is_file():
+        path = Path(json.loads((Path(name) / SOURCE_FILE).read_text(encoding="utf-8"))["gguf"])
+    else:
+        raise ConfigError(
+            f"{name!r} is not a GGUF model (gguf:/path/file.gguf, {GEMMA}, or a folder converted from one)"
+        )
+    if not path.is_file():
+        raise ConfigError(f"{name!r}: the GGUF file {path} is missing")
+    return path

@@ -211,6 +211,8 @@ def train_rl(
             throughput.started = time.perf_counter()  # saving is not training time
     finally:
         logger.close()
+        if server is not None:  # stops the llama.cpp servers openrlaif started
+            server.close()
 
     model_dir = output_dir / "model"
     if export_merged(config):  # LoRA adapters merged into the weights (`lora.export`)
