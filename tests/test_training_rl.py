@@ -537,11 +537,11 @@ def test_a_setting_of_another_algorithm_is_a_one_line_error(
         rl_config(tiny_gpt2, prompts, tmp_path, gamma=0.9)
     shipped = resolve_train_config_path("rl-tiny")  # algorithm: reinforce
     for overrides, expected in (
-        (["clip_range=0.1"], "clip_range: a setting of algorithm ppo; algorithm reinforce does not use it"),
+        (["clip_range=0.1"], "clip_range: a setting of algorithms ppo and grpo; algorithm reinforce does not use it"),
         (["algorithm=rloo", "dpo_beta=0.2"], "dpo_beta: a setting of algorithm online_dpo; algorithm rloo does not use it"),
         (["algorithm=rloo", "value_loss_coef=1"],
          "value_loss_coef: a setting of algorithms reinforce and ppo; algorithm rloo does not use it"),
-        (["algorithm=a2c"], "algorithm: Input should be 'reinforce', 'rloo', 'ppo' or 'online_dpo'"),
+        (["algorithm=a2c"], "algorithm: Input should be 'reinforce', 'rloo', 'ppo', 'online_dpo' or 'grpo'"),
     ):  # fmt: skip
         with pytest.raises(ConfigError) as info:
             load_train_config(shipped, RLConfig, overrides)

@@ -1,5 +1,5 @@
-"""RL from AI feedback (DESIGN §2.3-2.4): REINFORCE with a learned baseline, RLOO, PPO and online
-DPO, one file each, around one loop.
+"""RL from AI feedback (DESIGN §2.3-2.4): REINFORCE with a learned baseline, RLOO, PPO, online
+DPO and GRPO, one file each, around one loop.
 
 The objective (the paper's, β = 0.05 by default):
 
@@ -38,7 +38,11 @@ where π_ref is the frozen SFT model the policy starts from. Every step:
    - `online_dpo`: of each prompt's K fresh samples, the one with the highest reward is chosen
      and the lowest rejected (with `judge_pairwise`, the judge's win rates pick them); the sigmoid
      DPO loss -log σ(β_dpo·Δ) against the reference (`dpo_beta` takes the KL penalty's place;
-     prompts whose samples all tie are skipped).
+     prompts whose samples all tie are skipped);
+   - `grpo`: group-normalised advantages (R_i - mean of its prompt's K) / std (of the group, the
+     batch, or none: Dr. GRPO) on every token, the clipped surrogate with optional clip-higher,
+     tokens aggregated per sequence or per token (DAPO), the KL in the reward (the paper's) or as
+     a k3 loss term, `num_iterations` passes of `num_minibatches` steps per rollout.
 
 One optimizer (AdamW) holds the policy's and the value model's parameters (the value model's
 learning rate is `value_learning_rate`), with one schedule stepped once per RL step; dropout is
@@ -66,21 +70,22 @@ Layout: `config.py` (the shared settings, the reward source, the value model's s
 `rollout.py` (sampling, `Sequences`, log-probs, `score_rollout` -> `Rollout`), `rewards.py`,
 `losses.py` (masked means, whitening, the value loss), `updater.py` (the optimizer and its step
 over micro-batches), `loop.py` (`train_rl`), one file per algorithm (`reinforce.py`, `rloo.py`,
-`ppo.py`, `online_dpo.py`: its config class, its advantages and loss, its `update`), and
+`ppo.py`, `online_dpo.py`, `grpo.py`: its config class, its advantages and loss, its `update`), and
 `algorithms.py` (`ALGORITHMS` by name and `RLConfig`). The soft-label DPO loss online DPO uses is
 the DPO trainer's (`training/losses.py`).
 
-Adding an algorithm (say `grpo`) is one file and one line:
-1. `grpo.py`: `class GRPOConfig(RLBaseConfig)` (or `ValueModelConfig` with a value model) with
-   `algorithm: Literal["grpo"] = "grpo"`, its own settings, and the ClassVars that apply
+Adding an algorithm (say `myalgo`) is one file and one line:
+1. `myalgo.py`: `class MyAlgoConfig(RLBaseConfig)` (or `ValueModelConfig` with a value model) with
+   `algorithm: Literal["myalgo"] = "myalgo"`, its own settings, and the ClassVars that apply
    (`min_samples`, `one_update_per_rollout`); and `update(config, updater, rollout) -> losses`,
    which builds its advantages from the `Rollout` and calls `updater.step(micro_batches,
-   loss_of, rollout.step, rollout.last_checkpoint)` (see rloo.py for the shortest one);
-2. in `algorithms.py`: `RLAlgorithm(grpo.GRPOConfig, grpo.update),` in `ALGORITHMS`.
+   loss_of, rollout.step, rollout.last_checkpoint)` (rloo.py is the shortest; grpo.py's `one_update_per_rollout` is a property of its settings);
+2. in `algorithms.py`: `RLAlgorithm(myalgo.MyAlgoConfig, myalgo.update),` in `ALGORITHMS`.
 """
 
 from openrlaif.training.rl.algorithms import ALGORITHMS, RLConfig
 from openrlaif.training.rl.config import RewardSource, RLBaseConfig
+from openrlaif.training.rl.grpo import GRPOConfig
 from openrlaif.training.rl.loop import train_rl
 from openrlaif.training.rl.online_dpo import OnlineDPOConfig
 from openrlaif.training.rl.ppo import PPOConfig
@@ -89,6 +94,7 @@ from openrlaif.training.rl.rloo import RLOOConfig
 
 __all__ = [
     "ALGORITHMS",
+    "GRPOConfig",
     "OnlineDPOConfig",
     "PPOConfig",
     "RLBaseConfig",

@@ -17,7 +17,7 @@ import torch
 from pydantic import ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from openrlaif.training.rl import online_dpo, ppo, reinforce, rloo
+from openrlaif.training.rl import grpo, online_dpo, ppo, reinforce, rloo
 from openrlaif.training.rl.config import RLBaseConfig
 from openrlaif.training.rl.rollout import Rollout
 from openrlaif.training.rl.updater import Updater
@@ -45,6 +45,7 @@ ALGORITHMS: dict[str, RLAlgorithm] = {
         RLAlgorithm(rloo.RLOOConfig, rloo.update),
         RLAlgorithm(ppo.PPOConfig, ppo.update),
         RLAlgorithm(online_dpo.OnlineDPOConfig, online_dpo.update),
+        RLAlgorithm(grpo.GRPOConfig, grpo.update),
     )
 }
 
