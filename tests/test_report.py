@@ -341,3 +341,21 @@ def test_summary_table_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert (tmp_path / "r.html").is_file() and f"report -> {tmp_path / 'r.html'}" in capsys.readouterr().out
     assert main(["report", str(tmp_path / "nowhere")]) == 2
     assert "nowhere: no such run directory" in capsys.readouterr().err
+
+
+def test_rl_curves_include_the_judge_diagnostics_when_logged(tmp_path: Path) -> None:
+    from openrlaif.evaluation.report.html import _panels_for
+
+    rows = _rl_rows(10, np.random.default_rng(2))
+    for row in rows:
+        if row["step"] % 2 == 0:
+            row |= {"judge/order_flip_rate": 0.1, "judge/decisiveness": 0.2, "judge/reward_length_corr": 0.3}
+    _write_jsonl(tmp_path / "run" / "rl" / "metrics.jsonl", rows)
+    rl = next(t for t in load_run(tmp_path / "run").trainers if t.folder == "rl")
+    panels = {title: [key for key, _, _ in series] for title, series, _ in _panels_for(rl)}
+    assert panels["Judge diagnostics"] == ["judge/order_flip_rate", "judge/decisiveness"]
+    assert panels["Reward-length correlation"] == ["judge/reward_length_corr"]
+    without = tmp_path / "plain"
+    _write_jsonl(without / "rl" / "metrics.jsonl", _rl_rows(10, np.random.default_rng(2)))
+    plain = next(t for t in load_run(without).trainers if t.folder == "rl")
+    assert "Judge diagnostics" not in {title for title, _, _ in _panels_for(plain)}

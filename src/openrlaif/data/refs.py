@@ -135,3 +135,7 @@ def materialize(rows: list[dict[str, Any]], out: Path, what: str) -> Path:
 
 def prompt_records(ref: str, limit: int | None = None, what: str = "prompts") -> list[PromptRecord]:
     return [PromptRecord(r["id"], r["prompt"]) for r in prompt_rows(ref, limit, what)]
+
+
+def pair_records(ref: str, limit: int | None = None, what: str = "pairs") -> list[Pair]:
+    return [Pair(**r) for r in pair_rows(ref, limit, what)]

@@ -4,18 +4,17 @@
   resumable and cached; `load_labeled` reads a labeled file back;
 - `judge`: `open_judge` by name or YAML file with its judgment cache; `server_stats`;
 - `alignment`: the labeler against human labels (`alignment_metrics`, bootstrap CIs, position
-  and length bias, calibration) and the whole `align` job (`measure_alignment`).
+  and length bias, calibration; the per-pair measures are `judges.reliability`'s) and the whole
+  `align` job (`measure_alignment`).
 """
 
+from openrlaif.judges.reliability import preferred_slot, prefers_longer, same_position_preferred
 from openrlaif.labeling.alignment import (
     AlignmentResult,
     alignment_metrics,
     bootstrap_ci,
     expected_calibration_error,
     measure_alignment,
-    preferred_slot,
-    prefers_longer,
-    same_position_preferred,
 )
 from openrlaif.labeling.jobs import JobResult, label_pairs, load_labeled, parse_labeled, score_responses
 from openrlaif.labeling.judge import open_judge, server_stats

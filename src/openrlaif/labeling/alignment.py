@@ -21,15 +21,9 @@ from openrlaif.data.datasets import load_pairs
 from openrlaif.data.io import write_text_atomic
 from openrlaif.data.lock import one_writer
 from openrlaif.data.records import LabeledPair
+from openrlaif.judges.reliability import argmax_agreement, prefers_longer, same_position_preferred
 from openrlaif.labeling.jobs import label_pairs, load_labeled
 from openrlaif.labeling.judge import open_judge
-
-
-def _argmax_agreement(p_a: float, human: float) -> float:
-    """1 if the AI's argmax matches the human choice, 0 if not, 0.5 when the AI is exactly 50/50."""
-    if p_a == 0.5:
-        return 0.5
-    return float((p_a > 0.5) == (human > 0.5))
 
 
 def bootstrap_ci(
@@ -45,25 +39,6 @@ def bootstrap_ci(
     return float(np.quantile(means, tail)), float(np.quantile(means, 1.0 - tail))
 
 
-def preferred_slot(p_first: float) -> int | None:
-    """Which slot (1 or 2) the labeler's argmax picks in one order; None at exactly 0.5."""
-    if p_first > 0.5:
-        return 1
-    if p_first < 0.5:
-        return 2
-    return None
-
-
-def same_position_preferred(p_a_ab: float, p_a_ba: float) -> bool:
-    """True when the labeler picks the same *slot* in both orders (so its choice of response flipped).
-
-    In order (A,B) slot 1 holds A, so P(slot 1) = p_a_ab; in order (B,A) slot 1 holds B, so
-    P(slot 1) = 1 - p_a_ba.
-    """
-    slot_ab, slot_ba = preferred_slot(p_a_ab), preferred_slot(1.0 - p_a_ba)
-    return slot_ab is not None and slot_ab == slot_ba
-
-
 def expected_calibration_error(p_a: Sequence[float], human: Sequence[float], n_bins: int = 10) -> float:
     """ECE of the soft labels: confidence = max(p, 1-p) in [0.5, 1], binned equally; weighted
     mean over bins of |accuracy - mean confidence|."""
@@ -72,7 +47,7 @@ def expected_calibration_error(p_a: Sequence[float], human: Sequence[float], n_b
     if len(p) == 0:
         return float("nan")
     confidence = np.maximum(p, 1.0 - p)
-    correct = np.array([_argmax_agreement(a, b) for a, b in zip(p, h, strict=True)])
+    correct = np.array([argmax_agreement(a, b) for a, b in zip(p, h, strict=True)])
     bins = np.minimum(((confidence - 0.5) / 0.5 * n_bins).astype(int), n_bins - 1)
     ece = 0.0
     for b in range(n_bins):
@@ -82,20 +57,11 @@ def expected_calibration_error(p_a: Sequence[float], human: Sequence[float], n_b
     return float(ece)
 
 
-def prefers_longer(p_a: float, len_a: int, len_b: int) -> float | None:
-    """1 if the argmax picks the longer response, 0 if the shorter, 0.5 if 50/50; None if equal length."""
-    if len_a == len_b:
-        return None
-    if p_a == 0.5:
-        return 0.5
-    return float((p_a > 0.5) == (len_a > len_b))
-
-
 def alignment_metrics(labeled: Sequence[LabeledPair], seed: int = 0) -> dict[str, Any]:
     """Everything `openrlaif align` reports, from labeled pairs (human labels where present)."""
     with_human = [x for x in labeled if x.human_label is not None and x.human_label != 0.5]
     human = [x.human_label for x in with_human if x.human_label is not None]  # with_human's, as floats
-    agreement = [_argmax_agreement(x.p_a, h) for x, h in zip(with_human, human, strict=True)]
+    agreement = [argmax_agreement(x.p_a, h) for x, h in zip(with_human, human, strict=True)]
     low, high = bootstrap_ci(agreement, seed=seed)
     same_position = [same_position_preferred(x.p_a_ab, x.p_a_ba) for x in labeled]
     ai_longer = [

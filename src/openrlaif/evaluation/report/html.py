@@ -50,6 +50,8 @@ PANELS: dict[str, list[tuple[str, list[str], str | None]]] = {
         ("KL to the reference", ["train/kl"], None),
         ("Response length (tokens)", ["train/response_length"], None),
         ("Loss", ["train/loss", "train/policy_loss", "train/value_loss"], None),
+        ("Judge diagnostics", ["judge/gold_agreement", "judge/order_flip_rate", "judge/decisiveness"], None),
+        ("Reward-length correlation", ["judge/reward_length_corr"], None),
     ],
     "dpo": [
         ("Loss", ["train/loss", "eval/loss"], None),

@@ -21,6 +21,14 @@ class RewardSource(StrictModel):
     path: str | None = None  # reward_model: the folder `openrlaif train rm` wrote
     judge: str | None = None  # judge_*: a shipped judge name or a judge YAML file
     batch_size: int = Field(16, ge=1)  # reward-model scoring batch
+    # judge_pairwise: which samples of a prompt the judge compares (each pair in both orders):
+    # all_pairs K(K-1) judgments per prompt; anchor: each sample against one anchor response, 2K;
+    # round_robin: each sample against the next `rounds` samples
+    comparisons: Literal["all_pairs", "anchor", "round_robin"] = "all_pairs"
+    rounds: int = Field(1, ge=1)  # round_robin
+    # anchor: `reference` (the reference policy's greedy answer, made once per prompt and kept in
+    # output_dir/anchors*.jsonl) or a responses file (`openrlaif generate`'s: prompt_id, response)
+    anchor: str = "reference"
 
     @model_validator(mode="after")
     def _check(self) -> RewardSource:
@@ -28,6 +36,8 @@ class RewardSource(StrictModel):
             raise ValueError("reward type reward_model needs `path` (a folder from `openrlaif train rm`)")
         if self.type != "reward_model" and not self.judge:
             raise ValueError(f"reward type {self.type} needs `judge` (a judge name or YAML file)")
+        if self.type != "judge_pairwise" and self.comparisons != "all_pairs":
+            raise ValueError(f"`comparisons` is a setting of reward type judge_pairwise, not {self.type}")
         return self
 
 
@@ -76,6 +86,13 @@ class RLBaseConfig(TrainConfig):
     # with PyTorch's fused tanh-GELU: the same function in one kernel (transformers'
     # gelu_pytorch_tanh; float rounding apart), less activation memory and time. Other models: no-op.
     fused_activations: bool = True
+    # Judge diagnostics (training/rl/diagnostics.py), as `judge/*` metrics every N steps (0: off):
+    # order flips and decisiveness of judge_pairwise's comparisons, the reward-length correlation,
+    # and with `gold_pairs` (pairs with human labels, e.g. hh-harmless:eval) the reward source's
+    # agreement with people on the first `gold_limit` of them (also before the first step)
+    judge_diagnostics_every: int = Field(1, ge=0)
+    gold_pairs: str | None = None
+    gold_limit: int | None = Field(100, ge=1)
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)  # RL holds no prompts out
     warmup_ratio: float = Field(0.0, ge=0.0, le=1.0)
 

@@ -20,6 +20,7 @@ in full.
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 
 from openrlaif.data.datasets import load_prompts
+from openrlaif.data.refs import pair_records
 from openrlaif.inference.server import RolloutSampler
 from openrlaif.models.heads import TokenValueModel
 from openrlaif.models.loading import load_pretrained, load_tokenizer, quiet_transformers
@@ -38,11 +40,14 @@ from openrlaif.training.errors import TrainingError, check_finite
 from openrlaif.training.metrics import ExampleIdLog, MetricsLogger, Throughput
 from openrlaif.training.optim import make_scheduler
 from openrlaif.training.rl.algorithms import ALGORITHMS
+from openrlaif.training.rl.anchors import Anchors
 from openrlaif.training.rl.config import RLBaseConfig
-from openrlaif.training.rl.rewards import make_reward_fn, standardized
+from openrlaif.training.rl.diagnostics import comparison_diagnostics, diagnostics_due, gold_agreement, pearson
+from openrlaif.training.rl.rewards import make_rewarder, standardized
 from openrlaif.training.rl.rollout import (
     build_sequences,
     fuse_activations,
+    greedy_reference_answers,
     has_checkpointable_layers,
     rollout_logp_gap,
     sample_responses,
@@ -100,7 +105,11 @@ def train_rl(
         for model in (policy, reference, value_model):
             if model is not None:
                 fuse_activations(model)
-    reward_fn = make_reward_fn(config, tokenizer, device, judge)
+    rewarder = make_rewarder(config, tokenizer, device, judge)
+    gold = pair_records(config.gold_pairs, config.gold_limit, "gold_pairs") if config.gold_pairs else []
+    anchors = None  # judge_pairwise against one anchor response per prompt
+    if config.reward.type == "judge_pairwise" and config.reward.comparisons == "anchor":
+        anchors = Anchors(config.reward.anchor, output_dir, accelerator.process_index)
     server, sync_dir = None, output_dir / "rollout_policy"  # RL samples in process unless a server is set
     if config.rollout_server is not None:
         server = RolloutSampler(
@@ -143,6 +152,8 @@ def train_rl(
             "note: gradient_checkpointing is on, but the model has no Hugging Face checkpointable layers"
         )
     last_checkpoint = checkpoint.path if checkpoint else None
+    if gold and start_step == 0 and config.judge_diagnostics_every > 0:  # the reward source before training
+        logger.log(0, {"judge/gold_agreement": gold_agreement(rewarder.prefers, gold)})
     throughput = Throughput()
     try:
         for step in range(start_step + 1, total_steps + 1):
@@ -157,10 +168,15 @@ def train_rl(
             prompt_texts = [p.prompt for p in chunk for _ in range(k)]
 
             # 3. rewards
-            scores = torch.tensor(
-                reward_fn(prompt_texts, [s.response_text for s in samples], [s.response_ids for s in samples]),
-                dtype=torch.float32, device=device,
-            )  # fmt: skip
+            anchor_texts = None
+            if anchors is not None:
+                greedy = functools.partial(
+                    greedy_reference_answers, config, accelerator, policy, reference, tokenizer
+                )
+                anchor_texts = [a for a in anchors.for_prompts(chunk, greedy) for _ in range(k)]
+            rewards = rewarder.reward(prompt_texts, [s.response_text for s in samples],
+                                      [s.response_ids for s in samples], anchor_texts)  # fmt: skip
+            scores = torch.tensor(rewards.scores, dtype=torch.float32, device=device)
             # summed over processes, so every process stops together
             check_finite(step, "reward", accelerator.reduce(scores.sum(), "sum"), last_checkpoint)
 
@@ -197,7 +213,12 @@ def train_rl(
             metrics |= {
                 f"train/{k_}": v for k_, v in throughput.rates(total[-2].item(), total[-1].item()).items()
             }
-            if step % config.log_every == 0 or step == total_steps:
+            if diagnostics_due(config, step):  # how far the reward source can be trusted (diagnostics.py)
+                metrics |= comparison_diagnostics(rewards.comparisons)
+                metrics["judge/reward_length_corr"] = pearson(rewards.scores, lengths.tolist())
+                if gold:
+                    metrics["judge/gold_agreement"] = gold_agreement(rewarder.prefers, gold)
+            if step % config.log_every == 0 or step == total_steps or diagnostics_due(config, step):
                 logger.log(step, metrics)
             logger.advance(step, f"reward {metrics['train/reward_mean']:.3f} kl {metrics['train/kl']:.3f}")
             simulate_kill(step)

@@ -5,15 +5,19 @@ standardisation over the batch (`normalize_rewards`), and the KL-shaped per-toke
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from openrlaif.data.records import Pair
 from openrlaif.judges import build_judge, load_judge_config
+from openrlaif.judges.base import Comparison
 from openrlaif.training.reward import RewardModel
 from openrlaif.training.rl.config import RLBaseConfig
 
-RewardFn = Callable[[list[str], list[str], list[list[int]]], list[float]]  # prompts, texts, ids -> r
+# (prompts, texts, ids, anchors or None) -> rewards (and the pairwise comparisons behind them)
+RewardFn = Callable[[list[str], list[str], list[list[int]], list[str] | None], "PairwiseRewards"]
 
 
 def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
@@ -35,37 +39,108 @@ def standardized(scores: torch.Tensor, accelerator: Any) -> torch.Tensor:
     return ((scores - mean) * torch.rsqrt(var + 1e-8)).float()
 
 
-def pairwise_win_rates(judge: Any, prompts: Sequence[str], texts: Sequence[str], k: int) -> list[float]:
-    """Each sample's mean P(win) against the other k-1 samples of its prompt (prompt-major)."""
+def group_pairs(k: int, comparisons: str, rounds: int = 1) -> list[tuple[int, int]]:
+    """Which samples of a group of k meet (each unordered pair once): `all_pairs` every pair,
+    `round_robin` each sample with the next `rounds` samples (cyclically)."""
+    if comparisons == "all_pairs":
+        return [(i, j) for i in range(k) for j in range(i + 1, k)]
+    pairs = {tuple(sorted((i, (i + d) % k))) for i in range(k) for d in range(1, min(rounds, k - 1) + 1)}
+    return sorted((a, b) for a, b in pairs)
+
+
+@dataclass
+class PairwiseRewards:
+    """Each sample's reward (its mean P(win) over its comparisons) and the judge's comparisons
+    behind them (both orders each, for the judge diagnostics)."""
+
+    scores: list[float]
+    comparisons: list[Comparison]
+
+
+def pairwise_rewards(
+    judge: Any, prompts: Sequence[str], texts: Sequence[str], k: int, comparisons: str = "all_pairs",
+    rounds: int = 1, anchors: Sequence[str] | None = None,
+) -> PairwiseRewards:  # fmt: skip
+    """Group rewards from a pairwise judge (samples prompt-major, k per prompt). `anchor`: each
+    sample against its prompt's anchor response (`anchors`, one per sample), P(sample wins): 2k
+    ordered judgments per prompt instead of all pairs' k(k-1). Otherwise the pairs of
+    `group_pairs`, each sample's mean P(win) over the pairs it is in. All of a step's comparisons
+    go to the judge in one `compare_many` call (its forward passes batched, its cache used)."""
+    if comparisons == "anchor":
+        if anchors is None or len(anchors) != len(texts):
+            raise ValueError("comparisons: anchor needs one anchor response per sample")
+        got = judge.compare_many(list(zip(prompts, texts, anchors, strict=True)))
+        return PairwiseRewards([c.p_a for c in got], got)
     pairs, index = [], []
     for g in range(len(texts) // k):
-        for i in range(k):
-            for j in range(i + 1, k):
-                pairs.append((prompts[g * k], texts[g * k + i], texts[g * k + j]))
-                index.append((g * k + i, g * k + j))
-    wins = [0.0] * len(texts)
-    for (a, b), c in zip(index, judge.compare_many(pairs), strict=True):
+        for i, j in group_pairs(k, comparisons, rounds):
+            pairs.append((prompts[g * k], texts[g * k + i], texts[g * k + j]))
+            index.append((g * k + i, g * k + j))
+    wins, met = [0.0] * len(texts), [0] * len(texts)
+    got = judge.compare_many(pairs)
+    for (a, b), c in zip(index, got, strict=True):
         wins[a] += c.p_a
         wins[b] += 1.0 - c.p_a
-    return [w / (k - 1) for w in wins]
+        met[a] += 1
+        met[b] += 1
+    return PairwiseRewards([w / max(m, 1) for w, m in zip(wins, met, strict=True)], got)
 
 
-def make_reward_fn(config: RLBaseConfig, tokenizer: Any, device: torch.device, judge: Any = None) -> RewardFn:
-    """(prompts, response texts, response ids) -> one reward per response. `judge`, when given,
-    replaces the configured one (programmatic use and tests)."""
+def pairwise_win_rates(judge: Any, prompts: Sequence[str], texts: Sequence[str], k: int) -> list[float]:
+    """Each sample's mean P(win) against the other k-1 samples of its prompt (prompt-major)."""
+    return pairwise_rewards(judge, prompts, texts, k).scores
+
+
+@dataclass
+class Rewarder:
+    """The reward source, as RL uses it: `reward(prompts, texts, ids, anchors)` one reward per
+    response (and the pairwise comparisons behind them); `prefers(pairs)` its P(A preferred) on
+    pairs of responses (for `judge/gold_agreement`): the judge's soft label, or for a reward model
+    σ(r_A - r_B)."""
+
+    reward: RewardFn
+    prefers: Callable[[list[Pair]], list[float]]
+
+
+def make_rewarder(config: RLBaseConfig, tokenizer: Any, device: torch.device, judge: Any = None) -> Rewarder:
+    """The configured reward source. `anchors`: one anchor response per sample for
+    `comparisons: anchor`. `judge`, when given, replaces the configured one (programmatic use and
+    tests)."""
     source = config.reward
     if source.type == "reward_model":
         # scoring batches padded as the trainers pad theirs
         rm = RewardModel.from_pretrained(
             source.path or "", device=device, pad_multiple=config.pad_to_multiple_of
         )
-        return lambda prompts, texts, ids: rm.score_generations(
-            prompts, ids, tokenizer, source.batch_size
-        ).tolist()
+
+        def rm_prefers(pairs: list[Pair]) -> list[float]:
+            prompts = [p.prompt for p in pairs]
+            a = rm.score(prompts, [p.response_a for p in pairs], source.batch_size)
+            b = rm.score(prompts, [p.response_b for p in pairs], source.batch_size)
+            return torch.sigmoid(a - b).tolist()
+
+        return Rewarder(
+            lambda prompts, texts, ids, anchors: PairwiseRewards(
+                rm.score_generations(prompts, ids, tokenizer, source.batch_size).tolist(), []
+            ),
+            rm_prefers,
+        )
     if judge is None:
         judge = build_judge(load_judge_config(source.judge or ""))
+
+    def judge_prefers(pairs: list[Pair]) -> list[float]:
+        return [c.p_a for c in judge.compare_many([(p.prompt, p.response_a, p.response_b) for p in pairs])]
+
     if source.type == "judge_score":
-        return lambda prompts, texts, ids: [
-            s.score for s in judge.score_many(list(zip(prompts, texts, strict=True)))
-        ]
-    return lambda prompts, texts, ids: pairwise_win_rates(judge, prompts, texts, config.num_samples)
+        return Rewarder(
+            lambda prompts, texts, ids, anchors: PairwiseRewards(
+                [s.score for s in judge.score_many(list(zip(prompts, texts, strict=True)))], []
+            ),
+            judge_prefers,
+        )
+    return Rewarder(
+        lambda prompts, texts, ids, anchors: pairwise_rewards(
+            judge, prompts, texts, config.num_samples, source.comparisons, source.rounds, anchors
+        ),
+        judge_prefers,
+    )

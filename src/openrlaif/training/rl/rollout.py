@@ -62,6 +62,22 @@ def sample_responses(
         )  # fmt: skip
 
 
+def greedy_reference_answers(
+    config: RLBaseConfig, accelerator: Any, policy: torch.nn.Module, reference: torch.nn.Module | None,
+    tokenizer: Any, prompts: Sequence[Any],
+) -> list[str]:  # fmt: skip
+    """The reference policy's greedy answer to each prompt (the anchors of `comparisons: anchor`);
+    `reference` None: the policy with its LoRA adapters off."""
+    model = reference if reference is not None else accelerator.unwrap_model(policy)
+    off = adapters_disabled(model) if reference is None else contextlib.nullcontext()
+    with off, accelerator.autocast():
+        got = sample(
+            model, tokenizer, [p.prompt for p in prompts], n=1, temperature=0.0, max_new_tokens=config.max_new_tokens,
+            batch_size=config.generation_batch_size, chat_template=config.chat_template, keys=[p.id for p in prompts],
+        )  # fmt: skip
+    return [s.response_text for s in got]
+
+
 def sync_policy(
     accelerator: Any, policy: torch.nn.Module, tokenizer: Any, server: Any, sync_dir: Path, step: int
 ) -> None:

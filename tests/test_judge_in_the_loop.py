@@ -1,0 +1,171 @@
+"""The judge inside the RL loop: group rewards from a pairwise judge (all pairs, anchor,
+round robin), the anchor responses (the reference's greedy answers, kept for a resume, or a
+file), and the judge diagnostics logged while training."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from openrlaif.data.records import Pair
+from openrlaif.judges.base import Comparison, OrderedPair, OrderJudgment
+from openrlaif.training.rl import train_rl
+from openrlaif.training.rl.diagnostics import comparison_diagnostics, gold_agreement, pearson
+from openrlaif.training.rl.rewards import group_pairs, pairwise_rewards
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_training_rl import VowelJudge, metric_rows, rl_config  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class CountingJudge(VowelJudge):
+    """VowelJudge that records every ordered judgment it is asked for, and each call's size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ordered: list[OrderedPair] = []
+        self.batches: list[int] = []
+
+    def judge_orders(self, items: Sequence[OrderedPair]) -> list[OrderJudgment]:
+        self.ordered.extend(items)
+        self.batches.append(len(items))
+        return super().judge_orders(items)
+
+
+def test_group_pairs_per_mode() -> None:
+    assert group_pairs(4, "all_pairs") == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+    assert group_pairs(4, "round_robin", 1) == [(0, 1), (0, 3), (1, 2), (2, 3)]  # a ring: each meets 2
+    assert group_pairs(4, "round_robin", 2) == group_pairs(4, "all_pairs")
+    assert group_pairs(8, "round_robin", 2) == sorted(
+        {tuple(sorted((i, (i + d) % 8))) for i in range(8) for d in (1, 2)}
+    )
+
+
+@pytest.mark.parametrize(
+    ("mode", "ordered_per_prompt"), [("all_pairs", 12), ("anchor", 8), ("round_robin", 8)]
+)
+def test_each_mode_asks_for_its_number_of_judgments_in_one_batch(mode: str, ordered_per_prompt: int) -> None:
+    judge = CountingJudge()
+    texts = ["apple", "box", "egg", "cat", "ice", "dog", "owl", "yak"]  # two prompts, K = 4
+    prompts = ["p"] * 4 + ["q"] * 4
+    anchors = ["bee"] * 4 + ["ant"] * 4 if mode == "anchor" else None
+    got = pairwise_rewards(judge, prompts, texts, 4, mode, 1, anchors)
+    assert len(judge.ordered) == 2 * ordered_per_prompt and judge.batches == [2 * ordered_per_prompt]
+    win, lose = 1 / (1 + math.exp(-3.0)), 1 / (1 + math.exp(3.0))
+    if mode == "anchor":  # P(sample beats the anchor): vowel vs consonant anchor "bee", vowel vs vowel "ant"
+        assert got.scores == pytest.approx([win, 0.5, win, 0.5, 0.5, lose, 0.5, lose])
+    elif mode == "all_pairs":  # "apple" beats box and cat, ties egg: (win + 0.5 + win) / 3
+        assert got.scores[0] == pytest.approx((2 * win + 0.5) / 3)
+    else:  # ring 0-1, 1-2, 2-3, 3-0: "apple" meets box (win) and cat (win)
+        assert got.scores[0] == pytest.approx(win)
+    assert len(got.comparisons) == ordered_per_prompt  # two prompts, both orders per comparison
+
+
+def test_comparison_diagnostics_by_hand() -> None:
+    comparisons = [
+        Comparison(p_a=0.5, p_a_ab=0.9, p_a_ba=0.1),  # slot 1 both times: its choice flipped with the order
+        Comparison(p_a=0.8, p_a_ab=0.8, p_a_ba=0.8),  # A both times
+        Comparison(p_a=0.3, p_a_ab=0.2, p_a_ba=0.4),  # B both times
+    ]
+    got = comparison_diagnostics(comparisons)
+    assert got["judge/order_flip_rate"] == pytest.approx(1 / 3)
+    assert got["judge/decisiveness"] == pytest.approx((0.0 + 0.3 + 0.2) / 3)
+    assert comparison_diagnostics([]) == {}
+    assert pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+    assert pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert math.isnan(pearson([1, 1, 1], [1, 2, 3]))
+    gold = [Pair("a", "p", "x", "y", 1.0), Pair("b", "p", "x", "y", 0.0), Pair("c", "p", "x", "y", 0.5),
+            Pair("d", "p", "x", "y", 1.0)]  # fmt: skip
+    # the tie is left out; P(A) 0.9 (right), 0.7 (wrong: people chose B), 0.5 (half)
+    assert gold_agreement(lambda pairs: [0.9, 0.7, 0.5], gold) == pytest.approx((1 + 0 + 0.5) / 3)
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from training_toys import sft_rows, write
+
+    rows = [{"id": r["id"], "prompt": r["prompt"]} for r in sft_rows(32)]
+    return write(tmp_path_factory.mktemp("loop") / "prompts.jsonl", rows)
+
+
+def test_anchor_mode_compares_each_sample_with_the_references_greedy_answer_kept_for_a_resume(
+    tiny_gpt2: Path, prompts: Path, tmp_path: Path
+) -> None:
+    from openrlaif.inference.local import sample
+    from openrlaif.models.loading import load_causal_lm
+
+    out = tmp_path / "rl"
+    reward = {"type": "judge_pairwise", "judge": "scripted", "comparisons": "anchor"}
+    config = rl_config(tiny_gpt2, prompts, out, algorithm="grpo", reward=reward, max_steps=2, batch_size=2,
+                       save_every=1, max_new_tokens=4)  # fmt: skip
+    judge = CountingJudge()
+    train_rl(config, show_progress=False, judge=judge)
+    assert len(judge.ordered) == 2 * 2 * 4 * 2  # steps x prompts x K samples x both orders
+    rows = [json.loads(x) for x in (out / "anchors.rank0.jsonl").read_text().splitlines()]
+    assert len(rows) == 4  # one per prompt seen
+    tokenizer, sft = load_causal_lm(
+        str(tiny_gpt2), __import__("torch").device("cpu"), __import__("torch").float32
+    )
+    greedy = sample(sft, tokenizer, [r["prompt"] for r in rows], n=1, temperature=0.0, max_new_tokens=4)
+    assert [r["response"] for r in rows] == [s.response_text for s in greedy]  # the SFT policy's answers
+    anchors = {r["response"] for r in rows}
+    assert all(item.second in anchors or item.first in anchors for item in judge.ordered)
+
+    # a resumed run reuses the kept anchors: none made again for prompts already seen
+    more = rl_config(tiny_gpt2, prompts, out, algorithm="grpo", reward=reward, max_steps=3, batch_size=2,
+                     save_every=1, max_new_tokens=4)  # fmt: skip
+    train_rl(more, resume=True, show_progress=False, judge=CountingJudge())
+    rows_after = [json.loads(x) for x in (out / "anchors.rank0.jsonl").read_text().splitlines()]
+    assert rows_after[:4] == rows and len({r["prompt"] for r in rows_after}) == len(rows_after)
+
+
+def test_anchors_from_a_responses_file_and_a_missing_one_is_a_one_line_error(
+    tiny_gpt2: Path, prompts: Path, tmp_path: Path
+) -> None:
+    from openrlaif.errors import ConfigError
+
+    all_prompts = [json.loads(x) for x in prompts.read_text().splitlines()]
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(json.dumps({"id": f"a{i}", "prompt": p["prompt"], "response": "ant"}) + "\n"
+                               for i, p in enumerate(all_prompts)))  # fmt: skip
+    reward = {"type": "judge_pairwise", "judge": "scripted", "comparisons": "anchor", "anchor": str(answers)}
+    judge = CountingJudge()
+    config = rl_config(tiny_gpt2, prompts, tmp_path / "rl", algorithm="rloo", reward=reward, max_steps=1,
+                       batch_size=2)  # fmt: skip
+    train_rl(config, show_progress=False, judge=judge)
+    assert {i.first for i in judge.ordered} | {i.second for i in judge.ordered} >= {"ant"}
+    answers.write_text(json.dumps({"id": "a0", "prompt": "another prompt", "response": "ant"}) + "\n")
+    config = rl_config(tiny_gpt2, prompts, tmp_path / "rl2", algorithm="rloo", reward=reward, max_steps=1,
+                       batch_size=2)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"reward.anchor: .*answers.jsonl has no response to prompt"):
+        train_rl(config, show_progress=False, judge=CountingJudge())
+
+
+def test_judge_diagnostics_are_logged_while_training(tiny_gpt2: Path, prompts: Path, tmp_path: Path) -> None:
+    gold = tmp_path / "gold.jsonl"  # the vowel judge agrees with "people" on 3 of these 4
+    gold.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "g1", "prompt": "p", "response_a": "apple", "response_b": "box", "human_label": 1.0},
+        {"id": "g2", "prompt": "p", "response_a": "egg", "response_b": "cat", "human_label": 1.0},
+        {"id": "g3", "prompt": "p", "response_a": "dog", "response_b": "owl", "human_label": 0.0},
+        {"id": "g4", "prompt": "p", "response_a": "ice", "response_b": "yak", "human_label": 0.0},
+    ]))  # fmt: skip
+    out = tmp_path / "rl"
+    config = rl_config(tiny_gpt2, prompts, out, algorithm="rloo", max_steps=4, batch_size=2,
+                       reward={"type": "judge_pairwise", "judge": "scripted"}, judge_diagnostics_every=2,
+                       gold_pairs=str(gold))  # fmt: skip
+    train_rl(config, show_progress=False, judge=VowelJudge())
+    rows = metric_rows(out)
+    with_gold = [r for r in rows if "judge/gold_agreement" in r]
+    assert [r["step"] for r in with_gold] == [0, 2, 4]
+    assert all(r["judge/gold_agreement"] == pytest.approx(0.75) for r in with_gold)
+    diag = [r for r in rows if "judge/order_flip_rate" in r]
+    assert [r["step"] for r in diag] == [2, 4]
+    for r in diag:  # the vowel judge never flips with the order
+        assert r["judge/order_flip_rate"] == 0.0 and 0.0 <= r["judge/decisiveness"] <= 0.5
+        assert -1.0 <= r["judge/reward_length_corr"] <= 1.0 or math.isnan(r["judge/reward_length_corr"])
