@@ -153,7 +153,11 @@ def train_rl(
         )
     last_checkpoint = checkpoint.path if checkpoint else None
     if gold and start_step == 0 and config.judge_diagnostics_every > 0:  # the reward source before training
-        logger.log(0, {"judge/gold_agreement": gold_agreement(rewarder.prefers, gold)})
+        agreement = gold_agreement(rewarder.prefers, gold)
+        logger.log(0, {"judge/gold_agreement": agreement})
+        logger.print(
+            f"reward source vs people on {len(gold)} gold pairs before training: {agreement:.1%} agreement"
+        )
     throughput = Throughput()
     try:
         for step in range(start_step + 1, total_steps + 1):
@@ -220,7 +224,11 @@ def train_rl(
                     metrics["judge/gold_agreement"] = gold_agreement(rewarder.prefers, gold)
             if step % config.log_every == 0 or step == total_steps or diagnostics_due(config, step):
                 logger.log(step, metrics)
-            logger.advance(step, f"reward {metrics['train/reward_mean']:.3f} kl {metrics['train/kl']:.3f}")
+            judged = "".join(f" {label} {metrics[key]:.0%}" for key, label in (
+                ("judge/order_flip_rate", "flips"), ("judge/gold_agreement", "gold")) if key in metrics)  # fmt: skip
+            logger.advance(
+                step, f"reward {metrics['train/reward_mean']:.3f} kl {metrics['train/kl']:.3f}{judged}"
+            )
             simulate_kill(step)
 
             if step % config.save_every == 0 or step == total_steps:
