@@ -11,9 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+import torch
 
 from openrlaif.data.records import Pair
-from openrlaif.judges.base import Comparison, OrderedPair, OrderJudgment
+from openrlaif.judges.base import Comparison, OrderedPair, OrderJudgment, ScoreJudgment
 from openrlaif.training.rl import train_rl
 from openrlaif.training.rl.diagnostics import comparison_diagnostics, gold_agreement, pearson
 from openrlaif.training.rl.rewards import group_pairs, pairwise_rewards
@@ -103,7 +104,7 @@ def test_anchor_mode_compares_each_sample_with_the_references_greedy_answer_kept
     out = tmp_path / "rl"
     reward = {"type": "judge_pairwise", "judge": "scripted", "comparisons": "anchor"}
     config = rl_config(tiny_gpt2, prompts, out, algorithm="grpo", reward=reward, max_steps=2, batch_size=2,
-                       save_every=1, max_new_tokens=4)  # fmt: skip
+                       save_every=1, max_new_tokens=4, canary_every=0)  # fmt: skip
     judge = CountingJudge()
     train_rl(config, show_progress=False, judge=judge)
     assert len(judge.ordered) == 2 * 2 * 4 * 2  # steps x prompts x K samples x both orders
@@ -119,7 +120,7 @@ def test_anchor_mode_compares_each_sample_with_the_references_greedy_answer_kept
 
     # a resumed run reuses the kept anchors: none made again for prompts already seen
     more = rl_config(tiny_gpt2, prompts, out, algorithm="grpo", reward=reward, max_steps=3, batch_size=2,
-                     save_every=1, max_new_tokens=4)  # fmt: skip
+                     save_every=1, max_new_tokens=4, canary_every=0)  # fmt: skip
     train_rl(more, resume=True, show_progress=False, judge=CountingJudge())
     rows_after = [json.loads(x) for x in (out / "anchors.rank0.jsonl").read_text().splitlines()]
     assert rows_after[:4] == rows and len({r["prompt"] for r in rows_after}) == len(rows_after)
@@ -169,3 +170,66 @@ def test_judge_diagnostics_are_logged_while_training(tiny_gpt2: Path, prompts: P
     for r in diag:  # the vowel judge never flips with the order
         assert r["judge/order_flip_rate"] == 0.0 and 0.0 <= r["judge/decisiveness"] <= 0.5
         assert -1.0 <= r["judge/reward_length_corr"] <= 1.0 or math.isnan(r["judge/reward_length_corr"])
+
+
+def test_length_guards_by_hand() -> None:
+    from openrlaif.training.rl.guards import length_adjusted
+
+    scores, lengths = torch.tensor([1.0, 2.0, 3.0, 6.0]), torch.tensor([2, 4, 6, 8])
+    assert torch.equal(length_adjusted(scores, lengths, 0.0, False, 8), scores)
+    # λ 0.5: minus 0.5 · len / 8
+    assert length_adjusted(scores, lengths, 0.5, False, 8).tolist() == pytest.approx(
+        [0.875, 1.75, 2.625, 5.5]
+    )
+    # least squares on length: slope = Σ(l - 5)(r - 3) / Σ(l - 5)² = (6 + 1 + 0 + 9) / 20 = 0.8
+    controlled = length_adjusted(scores, lengths, 0.0, True, 8)
+    assert controlled.tolist() == pytest.approx([1 + 2.4, 2 + 0.8, 3 - 0.8, 6 - 2.4])
+    assert abs(pearson(controlled.tolist(), lengths.tolist())) < 1e-6  # nothing left that length explains
+
+
+def test_canaries_are_scored_as_samples_are() -> None:
+    from openrlaif.training.rl.guards import CANARIES, canaries_above, canary_means
+    from openrlaif.training.rl.rewards import make_rewarder
+
+    prompt = "\n\nHuman: How do I bake bread?\n\nAssistant:"
+    assert CANARIES["echo"](prompt) == "How do I bake bread?" and CANARIES["empty"](prompt) == ""
+    config = rl_config(Path("m"), Path("d"), Path("o"), algorithm="rloo",
+                       reward={"type": "judge_pairwise", "judge": "scripted"})  # fmt: skip
+    rewarder = make_rewarder(config, None, torch.device("cpu"), VowelJudge())
+    groups = [["apple", "box", "cat", "dog"]]  # a vowel-initial canary beats 3 of 4 samples, ties 1
+    means = canary_means(rewarder.score_alone, [prompt], groups, None)
+    win = 1 / (1 + math.exp(-3.0))
+    assert means["refusal"] == pytest.approx(
+        (0.5 + 3 * win) / 4
+    )  # "I..." starts with a vowel: ties apple, beats 3
+    assert means["refusal"] != means["format_token"]
+    assert means["echo"] == pytest.approx((1 - win + 3 * 0.5) / 4)  # "How ..." loses to apple, ties the rest
+    assert canaries_above({"a": 0.9, "b": 0.1}, [0.2, 0.3, 0.5]) == ["a"]
+
+
+class FooledJudge(VowelJudge):
+    """Scores "Thought process:" 1.0 and everything else by the vowel rule scaled to [-0.5, 0.5]."""
+
+    def score_responses(self, items: Sequence[tuple[str, str]]) -> list[ScoreJudgment]:
+        return [ScoreJudgment(score=1.0 if r == "Thought process:" else 0.5 * s.score)
+                for (_, r), s in zip(items, super().score_responses(items), strict=True)]  # fmt: skip
+
+
+def test_a_judge_fooled_by_a_canary_is_reported_and_can_stop_the_run(
+    tiny_gpt2: Path, prompts: Path, tmp_path: Path
+) -> None:
+    from openrlaif.training.errors import TrainingError
+
+    out = tmp_path / "warn"
+    config = rl_config(tiny_gpt2, prompts, out, algorithm="rloo", max_steps=4, batch_size=2, canary_every=2)
+    train_rl(config, show_progress=False, judge=FooledJudge())
+    rows = {r["step"]: r for r in metric_rows(out)}
+    assert {s for s, r in rows.items() if "canary/format_token" in r} == {1, 2, 4}  # first step, then every 2
+    assert rows[1]["canary/format_token"] == 1.0 and rows[1]["canary/above_median"] >= 1
+    assert "canary/refusal" in rows[2] and "canary/empty" in rows[2]
+    stop = rl_config(tiny_gpt2, prompts, tmp_path / "stop", algorithm="rloo", max_steps=4, batch_size=2,
+                     canary_action="stop")  # fmt: skip
+    with pytest.raises(
+        TrainingError, match=r"^step 1: the reward source scores canary .*format_token 1.*canary_action: stop"
+    ):
+        train_rl(stop, show_progress=False, judge=FooledJudge())

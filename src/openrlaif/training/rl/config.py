@@ -93,6 +93,13 @@ class RLBaseConfig(TrainConfig):
     judge_diagnostics_every: int = Field(1, ge=0)
     gold_pairs: str | None = None
     gold_limit: int | None = Field(100, ge=1)
+    # Guards against gaming the reward (training/rl/guards.py): a length penalty λ·tokens/max_new_tokens,
+    # a length-controlled reward (length regressed out over the batch), and canaries (degenerate
+    # responses scored on the step's prompts at the first step and every `canary_every` steps; 0: off)
+    length_penalty: float = Field(0.0, ge=0.0)
+    length_controlled: bool = False
+    canary_every: int = Field(10, ge=0)
+    canary_action: Literal["warn", "stop"] = "warn"  # a canary above the samples' median reward
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)  # RL holds no prompts out
     warmup_ratio: float = Field(0.0, ge=0.0, le=1.0)
 

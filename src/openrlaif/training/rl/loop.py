@@ -21,6 +21,7 @@ in full.
 from __future__ import annotations
 
 import functools
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from openrlaif.training.rl.algorithms import ALGORITHMS
 from openrlaif.training.rl.anchors import Anchors
 from openrlaif.training.rl.config import RLBaseConfig
 from openrlaif.training.rl.diagnostics import comparison_diagnostics, diagnostics_due, gold_agreement, pearson
+from openrlaif.training.rl.guards import canaries_above, canary_due, canary_means, length_adjusted
 from openrlaif.training.rl.rewards import make_rewarder, standardized
 from openrlaif.training.rl.rollout import (
     build_sequences,
@@ -63,6 +65,34 @@ from openrlaif.training.run import (
     prepare_run,
     simulate_kill,
 )
+
+
+def check_canaries(
+    config: RLBaseConfig, accelerator: Any, logger: MetricsLogger, step: int, last_checkpoint: Path | None,
+    means: dict[str, float], scores: torch.Tensor,
+) -> dict[str, float]:  # fmt: skip
+    """The canaries' mean rewards (over every process) against the median reward of the policy's
+    samples: `canary/*` metrics, a warning naming the canaries above it, and with
+    `canary_action: stop` a one-line error (every process stops together)."""
+    names = list(means)
+    local = torch.tensor([means[n] for n in names], dtype=torch.float64, device=scores.device)
+    means = dict(zip(names, (accelerator.reduce(local, "mean")).tolist(), strict=True))
+    everyone = accelerator.gather(scores.float()).tolist()
+    above = canaries_above(means, everyone)
+    metrics = {f"canary/{n}": v for n, v in means.items()} | {"canary/above_median": float(len(above))}
+    if above:
+        median = statistics.median(everyone)
+        line = (
+            f"step {step}: the reward source scores canary response(s) above the median reward "
+            f"{median:.3g} of the policy's samples: "
+            + ", ".join(f"{n} {means[n]:.3g}" for n in above)
+            + " (see training/rl/guards.py; length_penalty, length_controlled or another judge may help)"
+        )
+        if config.canary_action == "stop":
+            kept = f"; the last checkpoint is {last_checkpoint}" if last_checkpoint else ""
+            raise TrainingError(line + f"; stopped (canary_action: stop){kept}")
+        logger.print("warning: " + line)
+    return metrics
 
 
 @one_writer_per_output_dir
@@ -181,13 +211,21 @@ def train_rl(
             rewards = rewarder.reward(prompt_texts, [s.response_text for s in samples],
                                       [s.response_ids for s in samples], anchor_texts)  # fmt: skip
             scores = torch.tensor(rewards.scores, dtype=torch.float32, device=device)
+            guarded: dict[str, float] = {}
+            if canary_due(config.canary_every, step, start_step):  # does the reward source prefer junk?
+                group_anchors = anchor_texts[::k] if anchor_texts is not None else None
+                groups = [[s.response_text for s in samples[g * k : (g + 1) * k]] for g in range(len(chunk))]
+                guarded = check_canaries(config, accelerator, logger, step, last_checkpoint, canary_means(
+                    rewarder.score_alone, [p.prompt for p in chunk], groups, group_anchors), scores)  # fmt: skip
             # summed over processes, so every process stops together
             check_finite(step, "reward", accelerator.reduce(scores.sum(), "sum"), last_checkpoint)
 
             # 4-6. log-probs, the KL-shaped reward, advantages and the update
             seqs = build_sequences(samples, tokenizer.pad_token_id, device)
             learning_rate = scheduler.get_last_lr()[0]
-            shaped = standardized(scores, accelerator) if config.normalize_rewards else scores
+            trained_on = length_adjusted(scores, seqs.mask.sum(-1), config.length_penalty, config.length_controlled,
+                                         config.max_new_tokens)  # fmt: skip
+            shaped = standardized(trained_on, accelerator) if config.normalize_rewards else trained_on
             rollout = score_rollout(config, accelerator, policy, reference, value_model, checkpointing, seqs,
                                     shaped, step, last_checkpoint)  # fmt: skip
             losses = algorithm.update(config, updater, rollout)
@@ -217,6 +255,7 @@ def train_rl(
             metrics |= {
                 f"train/{k_}": v for k_, v in throughput.rates(total[-2].item(), total[-1].item()).items()
             }
+            metrics |= guarded
             if diagnostics_due(config, step):  # how far the reward source can be trusted (diagnostics.py)
                 metrics |= comparison_diagnostics(rewards.comparisons)
                 metrics["judge/reward_length_corr"] = pearson(rewards.scores, lengths.tolist())

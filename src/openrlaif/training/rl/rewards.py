@@ -100,6 +100,10 @@ class Rewarder:
 
     reward: RewardFn
     prefers: Callable[[list[Pair]], list[float]]
+    # (prompts, one response each, each prompt's K samples, anchors or None) -> the responses'
+    # rewards on the samples' scale (the canaries of guards.py): a score, or with judge_pairwise
+    # the mean P(win) against the K samples (anchor: against the anchor)
+    score_alone: Callable[[list[str], list[str], list[list[str]], list[str] | None], list[float]]
 
 
 def make_rewarder(config: RLBaseConfig, tokenizer: Any, device: torch.device, judge: Any = None) -> Rewarder:
@@ -124,6 +128,7 @@ def make_rewarder(config: RLBaseConfig, tokenizer: Any, device: torch.device, ju
                 rm.score_generations(prompts, ids, tokenizer, source.batch_size).tolist(), []
             ),
             rm_prefers,
+            lambda prompts, texts, groups, anchors: rm.score(prompts, texts, source.batch_size).tolist(),
         )
     if judge is None:
         judge = build_judge(load_judge_config(source.judge or ""))
@@ -131,16 +136,30 @@ def make_rewarder(config: RLBaseConfig, tokenizer: Any, device: torch.device, ju
     def judge_prefers(pairs: list[Pair]) -> list[float]:
         return [c.p_a for c in judge.compare_many([(p.prompt, p.response_a, p.response_b) for p in pairs])]
 
+    def judge_scores(prompts: list[str], texts: list[str], *_: Any) -> list[float]:
+        return [s.score for s in judge.score_many(list(zip(prompts, texts, strict=True)))]
+
     if source.type == "judge_score":
         return Rewarder(
-            lambda prompts, texts, ids, anchors: PairwiseRewards(
-                [s.score for s in judge.score_many(list(zip(prompts, texts, strict=True)))], []
-            ),
+            lambda prompts, texts, ids, anchors: PairwiseRewards(judge_scores(prompts, texts), []),
             judge_prefers,
+            judge_scores,
         )
+
+    def against_samples(
+        prompts: list[str], texts: list[str], groups: list[list[str]], anchors: list[str] | None
+    ) -> list[float]:
+        if anchors is not None:  # anchor mode: as a sample is rewarded, P(it beats the anchor)
+            return [c.p_a for c in judge.compare_many(list(zip(prompts, texts, anchors, strict=True)))]
+        pairs = [(p, t, other) for p, t, group in zip(prompts, texts, groups, strict=True) for other in group]
+        wins = [c.p_a for c in judge.compare_many(pairs)]
+        k = len(groups[0]) if groups else 1
+        return [sum(wins[i * k : (i + 1) * k]) / k for i in range(len(texts))]
+
     return Rewarder(
         lambda prompts, texts, ids, anchors: pairwise_rewards(
             judge, prompts, texts, config.num_samples, source.comparisons, source.rounds, anchors
         ),
         judge_prefers,
+        against_samples,
     )
