@@ -376,3 +376,46 @@ def test_labels_without_a_single_token_are_a_judge_error(model_dirs: dict[str, P
     path.write_text(yaml.safe_dump(templates), encoding="utf-8")
     with pytest.raises(JudgeError, match="label 'First' is not a single token"):
         make_judge(model_dirs["gpt2"], template=str(path))
+
+
+def test_a_constitution_shows_k_principles_per_pair_the_same_in_both_orders(
+    model_dirs: dict[str, Path], pairs: list[tuple[str, str, str]]
+) -> None:
+    from openrlaif.errors import ConfigError
+    from openrlaif.judges.prompts import load_judge_templates, load_principles
+
+    shipped = load_principles("harmless")
+    assert len(shipped) == 12
+    t = load_judge_templates("harmless", "harmless", 3, seed=0).pairwise
+    draws = [t.principles_for(*p) for p in pairs]
+    assert all(len(d) == 3 and set(d) <= set(shipped) for d in draws)
+    assert all(
+        t.principles_for(c, b, a) == d for (c, a, b), d in zip(pairs, draws, strict=True)
+    )  # order-free
+    assert len({tuple(d) for d in draws}) > 1  # each pair its own draw
+    others = [
+        load_judge_templates("harmless", "harmless", 3, seed=s).pairwise.principles_for(*pairs[0])
+        for s in (1, 2, 3)
+    ]
+    assert any(o != draws[0] for o in others)  # the judge's seed picks the draws
+    suffix = t.suffix(*pairs[0])
+    assert suffix.startswith("For this comparison, weigh these principles:\n- " + draws[0][0])
+    assert t.hash() != load_judge_templates("harmless").pairwise.hash()  # cached judgments kept apart
+    assert (
+        load_judge_templates("harmless", ["Be kind.", "Be brief."], 1).pairwise.principles_per_judgment == 1
+    )
+    with pytest.raises(ConfigError, match="principles_per_judgment 13 is more than the 12 principles"):
+        load_judge_templates("harmless", "harmless", 13)
+    with pytest.raises(ConfigError, match="neither a shipped constitution"):
+        load_judge_templates("harmless", "no-such-constitution", 1)
+
+    # the HF judge: the principles are in the per-pair part, so prefix reuse gives the full prompt's labels
+    items = both_orders(pairs[:3])
+    for reuse in (True, False):
+        judge = make_judge(
+            model_dirs["gpt2"], principles="harmless", principles_per_judgment=2, reuse_prefix_cache=reuse
+        )
+        expected = [reference_p_first(judge, i.prompt, i.first, i.second) for i in items]
+        assert [j.p_first for j in judge.judge_orders(items)] == pytest.approx(expected, abs=1e-4)
+    plain = [j.p_first for j in make_judge(model_dirs["gpt2"]).judge_orders(items)]
+    assert plain != pytest.approx(expected, abs=1e-4)  # the principles change what the judge reads

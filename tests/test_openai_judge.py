@@ -648,3 +648,14 @@ def test_a_key_echoed_into_a_pipeline_run_stays_out_of_its_manifest_and_report(
     assert _leaks(console.out + console.err) == []
     for path in (p for p in tmp_path.rglob("*") if p.is_file()):
         assert _leaks(path.read_bytes()) == [], path
+
+
+def test_a_constitution_reaches_the_server_prompt(server, make_judge) -> None:
+    judge = make_judge(
+        server, principles=["Prefer the response that says please."], principles_per_judgment=1
+    )
+    judge.judge_orders(PAIRS[:1])
+    prompts = [r.body["prompt"] for r in server.posts() if r.path == "/v1/completions"]
+    assert prompts and all(
+        "weigh these principles:\n- Prefer the response that says please.\n" in p for p in prompts
+    )

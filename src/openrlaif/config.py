@@ -114,6 +114,10 @@ class DecodingConfig(StrictModel):
     temperature: float = Field(1.0, gt=0.0)  # only used when self_consistency > 1
     max_rationale_tokens: int = Field(256, ge=1)
     seed: int = 0
+    # A constitution (pairwise judgments): a list of principles, a YAML file of them, or a shipped
+    # one (`harmless`); each judgment shows `principles_per_judgment` of them, drawn per pair
+    principles: list[str] | str | None = None
+    principles_per_judgment: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _consistency_needs_cot(self) -> DecodingConfig:

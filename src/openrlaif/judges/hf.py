@@ -37,7 +37,7 @@ from openrlaif.judges.base import (
     ScoreJudgment,
     expected_score_to_unit,
 )
-from openrlaif.judges.prompts import load_template_set
+from openrlaif.judges.prompts import load_judge_templates
 from openrlaif.judges.tokens import (
     encode_continuations,
     pair_label_ids,
@@ -91,7 +91,9 @@ class HFJudge(Judge):
     def __init__(self, config: HFJudgeConfig) -> None:
         super().__init__()
         self.config = config
-        self.templates = load_template_set(config.template)
+        self.templates = load_judge_templates(
+            config.template, config.principles, config.principles_per_judgment, config.seed
+        )
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.tokenizer, self.model = self._load()

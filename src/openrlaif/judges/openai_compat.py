@@ -34,7 +34,7 @@ from openrlaif.judges.base import (
     expected_score_to_unit,
     two_way_softmax,
 )
-from openrlaif.judges.prompts import load_template_set, render_pairwise
+from openrlaif.judges.prompts import load_judge_templates, render_pairwise
 
 TopTokens = list[tuple[str, float]]  # (token text, logprob) for the most likely next tokens
 
@@ -159,7 +159,9 @@ class OpenAIJudge(Judge):
     def __init__(self, config: OpenAIJudgeConfig) -> None:
         super().__init__()
         self.config = config
-        self.templates = load_template_set(config.template)
+        self.templates = load_judge_templates(
+            config.template, config.principles, config.principles_per_judgment, config.seed
+        )
         self.client = OpenAIClient(
             config,
             name="openai judge",

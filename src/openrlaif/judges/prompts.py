@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from pathlib import Path
 from typing import Literal
 
@@ -43,6 +44,28 @@ class PairwiseTemplate(StrictModel):
         "Consider the quality of each response and explain which one is better.\nRationale:"
     )
     labels: tuple[str, str] = ("1", "2")
+    # A constitution: `principles_per_judgment` of `principles`, drawn per pair (seeded by the pair
+    # and `principles_seed`, the same in both orders, so the cache stays valid), shown before the
+    # sample; in the per-pair part, so the shared preamble's KV cache is still reused
+    principles: list[str] = Field(default_factory=list)
+    principles_per_judgment: int = Field(0, ge=0)
+    principles_seed: int = 0
+    principles_intro: str = "For this comparison, weigh these principles:\n"
+
+    def principles_for(self, context: str, first: str, second: str) -> list[str]:
+        """The principles shown with this pair (none without a constitution): a seeded draw that
+        does not depend on the order of the two responses, in the constitution's own order."""
+        k = min(self.principles_per_judgment, len(self.principles))
+        if k == 0:
+            return []
+        pair = sorted((first.strip(), second.strip()))
+        key = json.dumps([self.principles_seed, context.strip(), *pair], ensure_ascii=False)
+        rng = random.Random(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big"))
+        return [self.principles[i] for i in sorted(rng.sample(range(len(self.principles)), k))]
+
+    def _principles_block(self, context: str, first: str, second: str) -> str:
+        chosen = self.principles_for(context, first, second)
+        return self.principles_intro + "".join(f"- {p}\n" for p in chosen) + "\n" if chosen else ""
 
     def prefix(self) -> str:
         """Preamble and exemplars: identical for every pair."""
@@ -60,7 +83,7 @@ class PairwiseTemplate(StrictModel):
     def suffix(self, context: str, first: str, second: str, rationale: str | None = None) -> str:
         """The per-pair part, ending where the label token is read. With a rationale (step 2
         of chain of thought) the rationale sits between the sample and the ending."""
-        sample = self.sample.format(
+        sample = self._principles_block(context, first, second) + self.sample.format(
             context=context.strip(), response_1=first.strip(), response_2=second.strip()
         )
         if rationale is None:
@@ -69,7 +92,7 @@ class PairwiseTemplate(StrictModel):
 
     def cot_suffix(self, context: str, first: str, second: str) -> str:
         """Step 1 of chain of thought: the sample followed by the request to explain."""
-        sample = self.sample.format(
+        sample = self._principles_block(context, first, second) + self.sample.format(
             context=context.strip(), response_1=first.strip(), response_2=second.strip()
         )
         return f"{sample}{self.cot_instruction}"
@@ -120,6 +143,46 @@ def load_template_set(name_or_path: str) -> TemplateSet:
             f"template {name_or_path!r} is neither a built-in template ({', '.join(builtin_template_names())}) nor a file"
         )
     return load_yaml_model(path, TemplateSet)
+
+
+CONSTITUTION_DIR = Path(__file__).parent / "constitutions"
+
+
+class Constitution(StrictModel):
+    principles: list[str] = Field(min_length=1)
+
+
+def load_principles(spec: list[str] | str) -> list[str]:
+    """A constitution's principles: a list as given, a shipped one by name (`harmless`), or a
+    YAML file holding `principles: [...]`."""
+    if isinstance(spec, list):
+        return spec
+    path = CONSTITUTION_DIR / f"{spec}.yaml"
+    if not path.exists():
+        path = Path(spec)
+    if not path.exists():
+        shipped = ", ".join(sorted(p.stem for p in CONSTITUTION_DIR.glob("*.yaml")))
+        raise ConfigError(f"principles: {spec!r} is neither a shipped constitution ({shipped}) nor a file")
+    return load_yaml_model(path, Constitution).principles
+
+
+def load_judge_templates(
+    template: str, principles: list[str] | str | None = None, per_judgment: int = 1, seed: int = 0
+) -> TemplateSet:
+    """A judge's templates: `load_template_set(template)`, with the constitution's principles on
+    its pairwise template when `principles` is set (drawn `per_judgment` at a time)."""
+    templates = load_template_set(template)
+    if principles is None:
+        return templates
+    listed = load_principles(principles)
+    if per_judgment > len(listed):
+        raise ConfigError(
+            f"principles_per_judgment {per_judgment} is more than the {len(listed)} principles given"
+        )
+    pairwise = templates.pairwise.model_copy(
+        update={"principles": listed, "principles_per_judgment": per_judgment, "principles_seed": seed}
+    )
+    return templates.model_copy(update={"pairwise": pairwise})
 
 
 def render_pairwise(
