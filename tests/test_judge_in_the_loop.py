@@ -233,37 +233,3 @@ def test_a_judge_fooled_by_a_canary_is_reported_and_can_stop_the_run(
         TrainingError, match=r"^step 1: the reward source scores canary .*format_token 1.*canary_action: stop"
     ):
         train_rl(stop, show_progress=False, judge=FooledJudge())
-
-
-@pytest.mark.parametrize("template", ["self-labeling-gemma-270m", "self-drlaif-gemma-270m"])
-def test_the_self_labeling_templates_run_end_to_end_shrunk_to_a_tiny_model(
-    template: str, tiny_gpt2: Path, tmp_path: Path
-) -> None:
-    """The shipped templates with their model swapped for a tiny one that is also its own judge
-    (an hf judge on the same checkpoint), every size cut down: the wiring, not an outcome."""
-    from openrlaif.cli import main
-
-    judge = tmp_path / "self-judge.yaml"
-    judge.write_text(
-        f"backend: hf\nmodel: {tiny_gpt2}\ntemplate: harmless\nbatch_size: 8\n", encoding="utf-8"
-    )
-    root = Path(__file__).parent.parent / "experiments"
-    policy = "rlaif" if template == "self-labeling-gemma-270m" else "drlaif"
-    sets = [
-        f"model={tiny_gpt2}", f"judge={judge}", f"run_dir={tmp_path / 'run'}", "policies.sft.settings.max_steps=2",
-        "policies.sft.settings.save_every=2", "policies.sft.settings.lora={r: 2}", f"policies.{policy}.settings.max_steps=2",
-        f"policies.{policy}.settings.batch_size=2", f"policies.{policy}.settings.max_new_tokens=4",
-        f"policies.{policy}.settings.lora={{r: 2}}", "eval.limit=4", "eval.max_new_tokens=4",
-    ]  # fmt: skip
-    if policy == "rlaif":
-        sets += ["feedback.limit=6", "feedback.max_new_tokens=4", "feedback.reward_model.max_steps=2",
-                 "feedback.reward_model.save_every=2", "feedback.reward_model.batch_size=2", "align.limit=6"]  # fmt: skip
-    assert (
-        main(["run", str(root / f"{template}.yaml"), *[a for s in sets for a in ("--set", s)], "--quiet"])
-        == 0
-    )
-    run = tmp_path / "run"
-    assert (run / "report.html").is_file() and (run / policy / "model" / "model.safetensors").is_file()
-    rows = metric_rows(run / policy)
-    if policy == "drlaif":  # scored by the hf judge on the policy's own starting checkpoint, canaries checked
-        assert "canary/format_token" in rows[0] and "judge/reward_length_corr" not in rows[0]

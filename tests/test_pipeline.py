@@ -237,8 +237,17 @@ def test_shipped_experiment_templates_validate_and_plan(name: str) -> None:
 
 
 def shrunk(config: PipelineConfig, run_dir: Path) -> dict[str, Any]:
-    """The same experiment with every size cut to a few steps and prompts (structure unchanged)."""
+    """The same experiment with every size cut to a few steps and prompts (structure unchanged).
+    Gemma 3 270M (policy or labeler) becomes the tiny random Gemma 3: the real one takes minutes
+    per template here, and tests/test_gemma.py, test_lora.py and test_llama_cpp_server.py run it."""
     data = config.model_dump(mode="json") | {"run_dir": str(run_dir)}
+    if data["model"] == "packaged:gemma-3-270m":
+        data["model"] = "tiny:gemma3"
+    if data["judge"].startswith("hf-gemma-3-270m"):
+        judge = run_dir.parent / "tiny-gemma3-judge.yaml"
+        judge.parent.mkdir(parents=True, exist_ok=True)
+        judge.write_text("backend: hf\nmodel: tiny:gemma3\ntemplate: harmless-2shot\nbatch_size: 8\n")
+        data["judge"] = str(judge)
     small = {
         "max_steps": 2,
         "batch_size": 2,
@@ -255,7 +264,8 @@ def shrunk(config: PipelineConfig, run_dir: Path) -> dict[str, Any]:
         teacher |= {"limit": 8, "max_new_tokens": 8}
     data["feedback"] |= {"limit": 8, "max_new_tokens": 8}
     data["feedback"]["reward_model"] |= small | {"eval_fraction": 0.25}
-    data["align"] |= {"limit": 8}
+    if data["align"] is not None:
+        data["align"] |= {"limit": 8}
     data["eval"] |= {"limit": 4, "max_new_tokens": 8}
     return data
 
