@@ -260,6 +260,8 @@ def shrunk(config: PipelineConfig, run_dir: Path) -> dict[str, Any]:
         spec["settings"] |= small | (
             {"num_samples": 2, "max_new_tokens": 8} if spec["method"] == "rl" else {}
         )
+        if spec["settings"].get("gold_pairs"):
+            spec["settings"]["gold_limit"] = 4
     for teacher in data["teachers"].values():
         teacher |= {"limit": 8, "max_new_tokens": 8}
     data["feedback"] |= {"limit": 8, "max_new_tokens": 8}
