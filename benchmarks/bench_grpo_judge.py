@@ -1,5 +1,5 @@
 """GRPO with a pairwise judge inside the loop: judgments per second and RL step time for
-`comparisons: anchor` against `all_pairs` at K = 4 and 8, and against TRL's GRPOTrainer given the
+`comparisons: anchor` against `all_pairs` (and `round_robin`, rounds 1) at K = 4 and 8, and against TRL's GRPOTrainer given the
 same judge as its reward function.
 
 The policy is a tiny GPT-2 architecture model (built locally, random weights; hidden 256, 4
@@ -24,7 +24,7 @@ the next, after `--warmup` steps. Each run in its own subprocess, runs alternati
 TRL is a benchmark-only dependency: `pip install -e '.[bench]'`.
 
     .venv/bin/python benchmarks/bench_grpo_judge.py [--steps 6] [--warmup 2] [--batch-size 4]
-        [--max-new-tokens 24] [--judge-model packaged:gemma-3-270m] [--runs anchor4,all4,trl4,anchor8,all8,trl8]
+        [--max-new-tokens 24] [--judge-model packaged:gemma-3-270m] [--runs anchor4,all4,rr4,trl4,anchor8,all8,rr8,trl8]
 """
 
 from __future__ import annotations
@@ -159,7 +159,9 @@ def child(args: argparse.Namespace) -> None:
     if kind == "trl":
         result = run_trl(root, out, args, k)
     else:
-        result = run_ours(root, out, args, {"anchor": "anchor", "all": "all_pairs"}[kind], k)
+        result = run_ours(
+            root, out, args, {"anchor": "anchor", "all": "all_pairs", "rr": "round_robin"}[kind], k
+        )
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -194,8 +196,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--judge-model", default=None,
                         help="the judge's model (default: a tiny random GPT-2; e.g. packaged:gemma-3-270m)")  # fmt: skip
-    parser.add_argument("--runs", default="anchor4,all4,trl4,anchor8,all8,trl8",
-                        help="comma-separated: anchorK, allK (openrlaif), trlK (TRL GRPOTrainer)")  # fmt: skip
+    parser.add_argument("--runs", default="anchor4,all4,rr4,trl4,anchor8,all8,rr8,trl8",
+                        help="comma-separated: anchorK, allK, rrK (openrlaif; rr: round robin, rounds 1), "
+                             "trlK (TRL GRPOTrainer)")  # fmt: skip
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -228,6 +231,9 @@ def main() -> None:
                   f"judge {r['judgments_per_s']:7.1f} judgments/s", flush=True)  # fmt: skip
         for k in sorted({int(r[len(r.rstrip("0123456789")) :]) for r in results}):
             a, b, t = (results.get(f"{name}{k}") for name in ("anchor", "all", "trl"))
+            rr = results.get(f"rr{k}")
+            if a and rr:
+                print(f"K={k}: round_robin / anchor step time {rr['step_s'] / a['step_s']:.2f}x")
             if a and b:
                 print(f"K={k}: all_pairs / anchor step time {b['step_s'] / a['step_s']:.2f}x")
             if a and t:
