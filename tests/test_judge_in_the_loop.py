@@ -233,3 +233,28 @@ def test_a_judge_fooled_by_a_canary_is_reported_and_can_stop_the_run(
         TrainingError, match=r"^step 1: the reward source scores canary .*format_token 1.*canary_action: stop"
     ):
         train_rl(stop, show_progress=False, judge=FooledJudge())
+
+
+def test_the_judgment_cache_keeps_rls_judgments(tiny_gpt2: Path, prompts: Path, tmp_path: Path) -> None:
+    import sqlite3
+
+    cache = tmp_path / "judgments.sqlite3"
+    reward = {
+        "type": "judge_pairwise",
+        "judge": "embedding-harmless",
+        "comparisons": "anchor",
+        "cache": str(cache),
+    }
+
+    def rows() -> int:
+        with sqlite3.connect(cache) as db:
+            return int(db.execute("SELECT COUNT(*) FROM judgments").fetchone()[0])
+
+    for run in ("first", "again"):  # the same seed: the same samples, every judgment already cached
+        config = rl_config(tiny_gpt2, prompts, tmp_path / run, algorithm="grpo", reward=reward, max_steps=2,
+                           batch_size=2, max_new_tokens=4)  # fmt: skip
+        train_rl(config, show_progress=False)
+        if run == "first":
+            made = rows()
+            assert made > 0
+    assert rows() == made

@@ -29,6 +29,10 @@ class RewardSource(StrictModel):
     # anchor: `reference` (the reference policy's greedy answer, made once per prompt and kept in
     # output_dir/anchors*.jsonl) or a responses file (`openrlaif generate`'s: prompt_id, response)
     anchor: str = "reference"
+    # judge_*: a SQLite judgment cache (`openrlaif label`'s format): judgments made before (a
+    # resumed step, the gold pairs and canaries judged again, another run's) are read, not redone.
+    # None: no cache (a cached value can differ in the last bits from one computed in another batch)
+    cache: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> RewardSource:

@@ -10,7 +10,8 @@ and the report):
   lengths in tokens (every reward type; a policy that grows long to please the reward shows here);
 - `judge/gold_agreement`: with `gold_pairs`, the reward source's agreement with people on those
   pairs (argmax vs the human label; ties count half), re-measured each time so a drifting judge
-  (one that is itself trained, as in self-labeling) is seen. A judge's cache makes repeats free.
+  (one that is itself trained, as in self-labeling) is seen. With `reward.cache` set, repeats of
+  the same judgments are read from the cache.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from openrlaif.data.records import Pair
-from openrlaif.judges import build_judge, load_judge_config
+from openrlaif.judges import JudgmentCache, build_judge, load_judge_config
 from openrlaif.judges.base import Comparison
 from openrlaif.training.reward import RewardModel
 from openrlaif.training.rl.config import RLBaseConfig
@@ -131,7 +131,8 @@ def make_rewarder(config: RLBaseConfig, tokenizer: Any, device: torch.device, ju
             lambda prompts, texts, groups, anchors: rm.score(prompts, texts, source.batch_size).tolist(),
         )
     if judge is None:
-        judge = build_judge(load_judge_config(source.judge or ""))
+        cache = JudgmentCache(source.cache) if source.cache else None
+        judge = build_judge(load_judge_config(source.judge or ""), cache)
 
     def judge_prefers(pairs: list[Pair]) -> list[float]:
         return [c.p_a for c in judge.compare_many([(p.prompt, p.response_a, p.response_b) for p in pairs])]
