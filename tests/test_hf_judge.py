@@ -398,8 +398,11 @@ def test_a_constitution_shows_k_principles_per_pair_the_same_in_both_orders(
         for s in (1, 2, 3)
     ]
     assert any(o != draws[0] for o in others)  # the judge's seed picks the draws
-    suffix = t.suffix(*pairs[0])
-    assert suffix.startswith("For this comparison, weigh these principles:\n- " + draws[0][0])
+    context, a, b = pairs[0]
+    sample = t.sample.format(context=context.strip(), response_1=a.strip(), response_2=b.strip())
+    block = "For this comparison, weigh these principles:\n" + "".join(f"- {x}\n" for x in draws[0]) + "\n"
+    assert t.suffix(*pairs[0]) == sample + block + t.ending  # after the responses, before the ending
+    assert t.cot_suffix(*pairs[0]) == sample + block + t.cot_instruction
     assert t.hash() != load_judge_templates("harmless").pairwise.hash()  # cached judgments kept apart
     assert (
         load_judge_templates("harmless", ["Be kind.", "Be brief."], 1).pairwise.principles_per_judgment == 1

@@ -45,8 +45,9 @@ class PairwiseTemplate(StrictModel):
     )
     labels: tuple[str, str] = ("1", "2")
     # A constitution: `principles_per_judgment` of `principles`, drawn per pair (seeded by the pair
-    # and `principles_seed`, the same in both orders, so the cache stays valid), shown before the
-    # sample; in the per-pair part, so the shared preamble's KV cache is still reused
+    # and `principles_seed`, the same in both orders, so the cache stays valid), shown right after
+    # the sample, before the ending (in the per-pair part: the shared preamble's KV cache and the
+    # shared context of several responses are still reused)
     principles: list[str] = Field(default_factory=list)
     principles_per_judgment: int = Field(0, ge=0)
     principles_seed: int = 0
@@ -83,19 +84,20 @@ class PairwiseTemplate(StrictModel):
     def suffix(self, context: str, first: str, second: str, rationale: str | None = None) -> str:
         """The per-pair part, ending where the label token is read. With a rationale (step 2
         of chain of thought) the rationale sits between the sample and the ending."""
-        sample = self._principles_block(context, first, second) + self.sample.format(
+        sample = self.sample.format(
             context=context.strip(), response_1=first.strip(), response_2=second.strip()
         )
+        sample += self._principles_block(context, first, second)  # a constitution's, if any
         if rationale is None:
             return sample + self.ending
         return f"{sample}{self.cot_instruction} {rationale.strip()}\n{self.ending}"
 
     def cot_suffix(self, context: str, first: str, second: str) -> str:
         """Step 1 of chain of thought: the sample followed by the request to explain."""
-        sample = self._principles_block(context, first, second) + self.sample.format(
+        sample = self.sample.format(
             context=context.strip(), response_1=first.strip(), response_2=second.strip()
         )
-        return f"{sample}{self.cot_instruction}"
+        return f"{sample}{self._principles_block(context, first, second)}{self.cot_instruction}"
 
     def hash(self) -> str:
         return _hash(self)
