@@ -61,12 +61,14 @@ def canary_means(
     prompts: list[str], groups: list[list[str]], anchors: list[str] | None,
 ) -> dict[str, float]:  # fmt: skip
     """Each canary's mean reward over `prompts` (one per group of samples), scored as the policy's
-    samples are (`Rewarder.score_alone`)."""
-    means = {}
-    for name, texts in canary_texts(prompts).items():
-        values = score_alone(prompts, texts, groups, anchors)
-        means[name] = sum(values) / len(values)
-    return means
+    samples are (`Rewarder.score_alone`), every canary in one call (one batch for the judge)."""
+    texts = canary_texts(prompts)
+    n = len(prompts)
+    values = score_alone(
+        prompts * len(texts), [t for name in texts for t in texts[name]], groups * len(texts),
+        anchors * len(texts) if anchors is not None else None,
+    )  # fmt: skip
+    return {name: sum(values[i * n : (i + 1) * n]) / n for i, name in enumerate(texts)}
 
 
 def canary_due(every: int, step: int, start_step: int) -> bool:
