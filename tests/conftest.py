@@ -38,6 +38,15 @@ def tiny_gemma3(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """RL prompts: the prompts of 64 toy SFT rows (tests/training_toys.py), one file per module."""
+    from training_toys import sft_rows, write
+
+    rows = [{"id": r["id"], "prompt": r["prompt"]} for r in sft_rows(64)]
+    return write(tmp_path_factory.mktemp("rl") / "prompts.jsonl", rows)
+
+
+@pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
     """Tiny models gain nothing from more threads, and on a loaded machine spinning OpenMP
     threads made these runs 20x slower. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""

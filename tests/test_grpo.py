@@ -188,11 +188,3 @@ def test_grpo_trains_the_tiny_policy_toward_the_reward(
     if settings.get("num_iterations", 1) > 1:
         assert any(r["train/clip_fraction"] > 0 for r in rows)  # later passes see ratios away from 1
     assert result.steps == 12
-
-
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from training_toys import sft_rows, write
-
-    rows = [{"id": r["id"], "prompt": r["prompt"]} for r in sft_rows(64)]
-    return write(tmp_path_factory.mktemp("grpo") / "prompts.jsonl", rows)

@@ -409,7 +409,9 @@ def test_a_constitution_shows_k_principles_per_pair_the_same_in_both_orders(
     )
     with pytest.raises(ConfigError, match="principles_per_judgment 13 is more than the 12 principles"):
         load_judge_templates("harmless", "harmless", 13)
-    with pytest.raises(ConfigError, match="neither a shipped constitution"):
+    with pytest.raises(
+        ConfigError, match=r"no-such-constitution: no such file, and not a shipped constitution \(harmless\)"
+    ):
         load_judge_templates("harmless", "no-such-constitution", 1)
 
     # the HF judge: the principles are in the per-pair part, so prefix reuse gives the full prompt's labels

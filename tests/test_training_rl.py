@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 from scripted_judge import ScriptedJudge
-from training_toys import WORDS, sft_rows, write
+from training_toys import WORDS, sft_rows
 
 from openrlaif.errors import ConfigError, JudgeError
 from openrlaif.judges.base import OrderedPair, OrderJudgment, ScoreJudgment
@@ -215,12 +215,6 @@ class VowelJudge(ScriptedJudge):
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    rows = [{"id": r["id"], "prompt": r["prompt"]} for r in sft_rows(64)]
-    return write(tmp_path_factory.mktemp("rl") / "prompts.jsonl", rows)
 
 
 def rl_config(model: Path, data: Path, out: Path, **overrides: Any) -> RLConfig:

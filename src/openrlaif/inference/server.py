@@ -129,10 +129,14 @@ class RolloutServerConfig(ServerConfig):
 class ServerSample:
     """One sampled response as text."""
 
-    text: str  # stripped of surrounding white space
+    raw: str  # as the server sent it (RL re-tokenises this: a leading space is a token)
     finish_reason: str
     num_tokens: int | None  # from the reply's usage, when the server reports it
-    raw: str = ""  # as the server sent it (RL re-tokenises this: a leading space is a token)
+
+    @property
+    def text(self) -> str:
+        """The response without surrounding white space."""
+        return self.raw.strip()
 
 
 class ServerSampler:
@@ -173,7 +177,7 @@ def _read_sample(data: Any) -> ServerSample:
         raise TypeError("the reply's text is not a string")
     usage = data.get("usage") or {}
     tokens = usage.get("completion_tokens")
-    return ServerSample(text.strip(), str(choice.get("finish_reason") or "unknown"), tokens, text)
+    return ServerSample(text, str(choice.get("finish_reason") or "unknown"), tokens)
 
 
 # ---------------------------------------------------------------- token samples and weight reload (RL)

@@ -19,7 +19,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from openrlaif.config import StrictModel, load_yaml_model
+from openrlaif.config import StrictModel, load_yaml_model, resolve_shipped_yaml
 from openrlaif.errors import ConfigError
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
@@ -159,13 +159,9 @@ def load_principles(spec: list[str] | str) -> list[str]:
     YAML file holding `principles: [...]`."""
     if isinstance(spec, list):
         return spec
-    path = CONSTITUTION_DIR / f"{spec}.yaml"
-    if not path.exists():
-        path = Path(spec)
-    if not path.exists():
-        shipped = ", ".join(sorted(p.stem for p in CONSTITUTION_DIR.glob("*.yaml")))
-        raise ConfigError(f"principles: {spec!r} is neither a shipped constitution ({shipped}) nor a file")
-    return load_yaml_model(path, Constitution).principles
+    return load_yaml_model(
+        resolve_shipped_yaml(spec, CONSTITUTION_DIR, "constitution"), Constitution
+    ).principles
 
 
 def load_judge_templates(

@@ -205,17 +205,13 @@ def source_gguf(name: str, models_dir: Path) -> Path:
     file, or a folder that `convert_gguf` wrote (its record names the file)."""
     if name.startswith("gguf:"):
         path = Path(name.removeprefix("gguf:")).expanduser()
-    elif name == GEMMA:
-        gemma_folder(models_dir)  # assembles it when needed
-        path = Path(
-            json.loads((models_dir / "gemma-3-270m" / SOURCE_FILE).read_text(encoding="utf-8"))["gguf"]
-        )
-    elif (Path(name) / SOURCE_FILE).is_file():
-        path = Path(json.loads((Path(name) / SOURCE_FILE).read_text(encoding="utf-8"))["gguf"])
     else:
-        raise ConfigError(
-            f"{name!r} is not a GGUF model (gguf:/path/file.gguf, {GEMMA}, or a folder converted from one)"
-        )
+        converted = Path(gemma_folder(models_dir) if name == GEMMA else name)  # Gemma: assembled when needed
+        if not (converted / SOURCE_FILE).is_file():
+            raise ConfigError(
+                f"{name!r} is not a GGUF model (gguf:/path/file.gguf, {GEMMA}, or a folder converted from one)"
+            )
+        path = Path(json.loads((converted / SOURCE_FILE).read_text(encoding="utf-8"))["gguf"])
     if not path.is_file():
         raise ConfigError(f"{name!r}: the GGUF file {path} is missing")
     return path

@@ -30,7 +30,7 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from openrlaif.training.rl.config import RLBaseConfig
 from openrlaif.training.rl.losses import masked_mean, whiten
@@ -60,15 +60,16 @@ class GRPOConfig(RLBaseConfig):
     def one_update_per_rollout(self) -> bool:  # type: ignore[override]  # a setting here, not a constant
         return self.num_iterations == 1 and self.num_minibatches == 1
 
-    @model_validator(mode="after")
-    def _minibatches(self) -> GRPOConfig:
+    def check_micro_batches(self) -> None:
+        """The shared check, and: each of the `num_minibatches` minibatches of a step (split into
+        `grad_accum_steps` micro-batches of rows) needs a sequence for every micro-batch."""
+        super().check_micro_batches()
         rows = self.batch_size * self.num_samples // self.num_minibatches
-        if rows < max(self.grad_accum_steps, 1) or self.num_minibatches > self.batch_size * self.num_samples:
+        if rows < self.grad_accum_steps or self.num_minibatches > self.batch_size * self.num_samples:
             raise ValueError(
                 f"num_minibatches {self.num_minibatches} x grad_accum_steps {self.grad_accum_steps} needs at least "
                 f"that many sequences per step (batch_size x num_samples = {self.batch_size * self.num_samples})"
             )
-        return self
 
 
 def group_advantages(returns: torch.Tensor, k: int, scale: str) -> torch.Tensor:

@@ -64,6 +64,7 @@ from openrlaif.training.run import (
     one_writer_per_output_dir,
     prepare_run,
     simulate_kill,
+    weights_source,
 )
 
 
@@ -120,8 +121,10 @@ def train_rl(
         ref_path = resolve_model_path(config.ref_model) if config.ref_model else sft_path
     source = str(checkpoint.model_dir) if checkpoint else sft_path
     tokenizer = load_tokenizer(source, config.revision, config.trust_remote_code)
-    weights = sft_path if config.lora is not None else source  # with LoRA, the checkpoint holds the adapters
-    policy = load_pretrained(AutoModelForCausalLM, weights, config.revision, config.trust_remote_code)
+    # with LoRA the checkpoint holds the adapters only: the weights are the SFT model's
+    policy = load_pretrained(
+        AutoModelForCausalLM, weights_source(config, checkpoint), config.revision, config.trust_remote_code
+    )
     policy = apply_lora(policy, config, checkpoint, "causal_lm")
     reference = None  # with LoRA (and no `ref_model`): the policy with its adapters off
     if config.lora is None or config.ref_model:
@@ -222,8 +225,9 @@ def train_rl(
 
             # 4-6. log-probs, the KL-shaped reward, advantages and the update
             seqs = build_sequences(samples, tokenizer.pad_token_id, device)
+            lengths = seqs.mask.sum(-1)  # response tokens per sample
             learning_rate = scheduler.get_last_lr()[0]
-            trained_on = length_adjusted(scores, seqs.mask.sum(-1), config.length_penalty, config.length_controlled,
+            trained_on = length_adjusted(scores, lengths, config.length_penalty, config.length_controlled,
                                          config.max_new_tokens)  # fmt: skip
             shaped = standardized(trained_on, accelerator) if config.normalize_rewards else trained_on
             rollout = score_rollout(config, accelerator, policy, reference, value_model, checkpointing, seqs,
@@ -237,7 +241,6 @@ def train_rl(
             ids_log.write(step, [f"{p.id}-{i}" for p in chunk for i in range(k)])
 
             # Log: means over all processes; samples and tokens summed.
-            lengths = seqs.mask.sum(-1)
             tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in samples)
             local = torch.stack([
                 scores.mean(), scores.std(unbiased=False), rollout.seq_kl.mean(), lengths.mean(),
@@ -256,12 +259,13 @@ def train_rl(
                 f"train/{k_}": v for k_, v in throughput.rates(total[-2].item(), total[-1].item()).items()
             }
             metrics |= guarded
-            if diagnostics_due(config, step):  # how far the reward source can be trusted (diagnostics.py)
+            diagnose = diagnostics_due(config, step)
+            if diagnose:  # how far the reward source can be trusted (diagnostics.py)
                 metrics |= comparison_diagnostics(rewards.comparisons)
                 metrics["judge/reward_length_corr"] = pearson(rewards.scores, lengths.tolist())
                 if gold:
                     metrics["judge/gold_agreement"] = gold_agreement(rewarder.prefers, gold)
-            if step % config.log_every == 0 or step == total_steps or diagnostics_due(config, step):
+            if step % config.log_every == 0 or step == total_steps or diagnose:
                 logger.log(step, metrics)
             judged = "".join(f" {label} {metrics[key]:.0%}" for key, label in (
                 ("judge/order_flip_rate", "flips"), ("judge/gold_agreement", "gold")) if key in metrics)  # fmt: skip
@@ -283,10 +287,8 @@ def train_rl(
             server.close()
 
     model_dir = output_dir / "model"
-    if export_merged(config):  # LoRA adapters merged into the weights (`lora.export`)
-        save_model_folder(accelerator, policy, tokenizer, model_dir, merged=True)
-    else:
-        save_model_folder(accelerator, policy, tokenizer, model_dir)
+    # with LoRA: the adapters merged into the weights, or alone (`lora.export`)
+    save_model_folder(accelerator, policy, tokenizer, model_dir, merged=export_merged(config))
     if value_model is not None:
         save_model_folder(accelerator, value_model, tokenizer, output_dir / "value")
     accelerator.wait_for_everyone()

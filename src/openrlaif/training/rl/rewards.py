@@ -151,7 +151,7 @@ def make_rewarder(config: RLBaseConfig, tokenizer: Any, device: torch.device, ju
         prompts: list[str], texts: list[str], groups: list[list[str]], anchors: list[str] | None
     ) -> list[float]:
         if anchors is not None:  # anchor mode: as a sample is rewarded, P(it beats the anchor)
-            return [c.p_a for c in judge.compare_many(list(zip(prompts, texts, anchors, strict=True)))]
+            return pairwise_rewards(judge, prompts, texts, 1, "anchor", anchors=anchors).scores
         pairs = [(p, t, other) for p, t, group in zip(prompts, texts, groups, strict=True) for other in group]
         wins = [c.p_a for c in judge.compare_many(pairs)]
         k = len(groups[0]) if groups else 1
