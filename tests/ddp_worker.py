@@ -2,7 +2,8 @@
 
     accelerate launch --multi_gpu --num_processes 2 tests/ddp_worker.py ALGO:CONFIG.yaml [ALGO:CONFIG.yaml ...]
 
-ALGO is a name in `openrlaif.training.TRAINERS` (sft, rm, dpo, ...). Several trainings run one
+ALGO is a name in `openrlaif.training.TRAINERS` (sft, rm, dpo, ...); `ALGO+resume` continues the
+run from its newest checkpoint. Several trainings run one
 after the other in the same processes (the start-up is the slow part on a CPU). Each process
 writes `rank{r}.json` into the run's output_dir: the SHA-256 of its final weights, its step count
 and held-out metrics. The trainer itself writes `example_ids.rank{r}.jsonl` (the config sets
@@ -36,10 +37,11 @@ def main(jobs: list[str]) -> None:
     rl.save_model_folder = recording_save  # every process calls it (a collective), the main one writes
     for job in jobs:
         algorithm, _, config_path = job.partition(":")
+        algorithm, resume = algorithm.removesuffix("+resume"), algorithm.endswith("+resume")
         config_class, train = TRAINERS[algorithm]
         config = load_train_config(config_path, config_class)
         saved.clear()
-        result = train(config, show_progress=False)
+        result = train(config, resume=resume, show_progress=False)
         record = {
             "world_size": int(os.environ.get("WORLD_SIZE", "1")),
             "sha256": weights_digest(result.model),

@@ -17,6 +17,7 @@ LAYERS: list[set[str]] = [
     {"models"},
     {"inference"},
     {"judges"},
+    {"cards"},
     {"labeling", "generation", "distill", "training"},
     {"evaluation"},
     {"pipeline"},

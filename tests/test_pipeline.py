@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
+from openrlaif.cards import number, split_front_matter
 from openrlaif.data.refs import data_fingerprint, prompt_rows, split_slice
 from openrlaif.errors import ConfigError
 from openrlaif.pipeline.config import PipelineConfig, load_pipeline_config, pipeline_config_from_dict
@@ -94,6 +95,31 @@ def test_a_run_writes_every_stage_output_in_open_formats(finished_run: tuple[dic
     assert rl_config["model"] == str(run_dir / "sft" / "model")
     reward = rl_config["reward"]
     assert reward["type"] == "reward_model" and reward["path"] == str(run_dir / "rm" / "model")
+
+    # Hub-ready cards: each trained folder's README.md (front matter + body), the labels' dataset card
+    cards = {
+        name: split_front_matter((run_dir / name / "model" / "README.md").read_text())
+        for name in ("sft", "rm", "rlaif")
+    }
+    for name, (meta, body) in cards.items():
+        assert meta["datasets"] == ["Anthropic/hh-rlhf"] and meta["tags"][0] == "openrlaif", name
+        assert "base_model" not in meta and "license" not in meta  # a local random model: nothing to claim
+        info = json.loads((run_dir / name / "model_card.json").read_text())
+        stage = {"sft": "sft:sft", "rm": "reward_model", "rlaif": "rl:rlaif"}[name]
+        assert info["steps"] == manifest[stage]["summary"]["steps"]
+        for key, value in info["metrics"].items():  # the run's held-out numbers
+            assert manifest[stage]["summary"][key] == round(value, 6) and f"| {number(value)} |" in body
+    win = summary["win_rate"]
+    row = f"| rlaif vs sft | {100 * win['value']:.1f}% | [{100 * win['ci95'][0]:.1f}%, {100 * win['ci95'][1]:.1f}%] |"
+    assert row in cards["rlaif"][1] and row in cards["sft"][1]
+    assert all(str(run_dir.parents[1]) not in body for _, body in cards.values())  # no local paths
+    assert "→ sft → rlaif |" in cards["rlaif"][1] and "| method | RL (reinforce) |" in cards["rlaif"][1]
+    assert "| judge | `embedding-harmless` (embedding judge" in cards["rm"][1]
+    assert "through the reward model `rm`" in cards["rlaif"][1]
+    assert "hh-harmless:train" in cards["sft"][1] and "- Data `hh-harmless:train`: MIT." in cards["sft"][1]
+    meta, body = split_front_matter((run_dir / "labeled.jsonl.README.md").read_text())
+    assert meta["license"] == "mit" and meta["source_datasets"] == ["Anthropic/hh-rlhf"]
+    assert f"| rows | {len(labeled)} |" in body
 
 
 def test_rerun_skips_done_stages_and_a_changed_setting_reruns_only_what_depends_on_it(

@@ -241,3 +241,63 @@ def test_lora_sft_dpo_and_rl_on_two_processes_keep_identical_adapters(
 def _no_stray_accelerate_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """A user's ~/.cache/huggingface/accelerate config must not change what the test launches."""
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+
+
+def test_rloo_ppo_online_dpo_and_grpo_on_two_processes_keep_identical_weights(
+    tiny_gpt2: Path, tmp_path: Path
+) -> None:
+    """Every other RL algorithm under DDP, as REINFORCE above: each process samples its own
+    prompts, and both end with bitwise identical policies (and PPO's value models) that are the
+    saved ones. GRPO runs two iterations x two minibatches per rollout (several updates per step)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from openrlaif.models.heads import TokenValueModel, ValueHeadModel
+    from openrlaif.models.loading import load_tokenizer
+    from openrlaif.training.reward import METADATA_FILE
+
+    prompts = write(
+        tmp_path / "prompts.jsonl", [{"id": r["id"], "prompt": r["prompt"]} for r in sft_rows(32)]
+    )
+    rm_dir = tmp_path / "rm"
+    torch.manual_seed(0)
+    ValueHeadModel.from_pretrained(str(tiny_gpt2)).save_pretrained(rm_dir)
+    load_tokenizer(str(tiny_gpt2)).save_pretrained(rm_dir)
+    (rm_dir / METADATA_FILE).write_text(json.dumps({"model_type": "causal_lm_value_head", "max_length": 64}))
+    common = dict(model=str(tiny_gpt2), data=str(prompts), reward={"type": "reward_model", "path": str(rm_dir)},
+                  num_samples=2, batch_size=2, max_new_tokens=3, learning_rate=1e-2, max_steps=2, save_every=2,
+                  mixed_precision="no", record_example_ids=True, tensorboard=False)  # fmt: skip
+    runs = {
+        "rloo": {},
+        "ppo": {},
+        "online_dpo": {},
+        "grpo": {"num_iterations": 2, "num_minibatches": 2},
+    }
+    jobs = []
+    for algorithm, extra in runs.items():
+        settings = {**common, **extra, "algorithm": algorithm, "output_dir": str(tmp_path / algorithm)}
+        (tmp_path / f"{algorithm}.yaml").write_text(yaml.safe_dump(settings), encoding="utf-8")
+        jobs.append(f"rl:{tmp_path / f'{algorithm}.yaml'}")
+    _launch_two_processes(jobs, tmp_path)
+
+    initial = weights_digest(AutoModelForCausalLM.from_pretrained(tiny_gpt2))
+    for algorithm in runs:
+        out = tmp_path / algorithm
+        ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+        assert [r["world_size"] for r in ranks] == [2, 2], algorithm
+        assert [r["steps"] for r in ranks] == [2, 2], algorithm
+        assert ranks[0]["sha256"] == ranks[1]["sha256"], f"{algorithm}: the processes' policies differ"
+        assert weights_digest(AutoModelForCausalLM.from_pretrained(out / "model")) == ranks[0]["sha256"], (
+            algorithm
+        )
+        assert ranks[0]["sha256"] != initial, f"{algorithm}: training changed nothing"
+        ids = [[json.loads(x)["ids"] for x in (out / f"example_ids.rank{r}.jsonl").read_text().splitlines()]
+               for r in range(2)]  # fmt: skip
+        for ids0, ids1 in zip(*ids, strict=True):  # "{prompt id}-{sample}": different prompts per process
+            assert not {i.rsplit("-", 1)[0] for i in ids0} & {i.rsplit("-", 1)[0] for i in ids1}, algorithm
+        if algorithm == "ppo":  # its value model too
+            assert ranks[0]["value_sha256"] == ranks[1]["value_sha256"], "the processes' value models differ"
+            assert (
+                weights_digest(TokenValueModel.from_pretrained(str(out / "value")))
+                == ranks[0]["value_sha256"]
+            )

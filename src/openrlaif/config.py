@@ -12,6 +12,7 @@ not.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -61,6 +62,26 @@ def format_validation_error(source: str, err: ValidationError, drop: Collection[
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
     where = ".".join(p for p in parts if p)
     return f"{source}: {where + ': ' if where else ''}{message}{more}"
+
+
+# ---------------------------------------------------------------- experiment trackers
+
+# `report_to:` of the trainers and the pipeline. TensorBoard comes with openrlaif; the others are
+# the `trackers` extra. The names are here, below training and the pipeline, so that both check
+# them (and the pipeline before its first stage) without importing torch.
+Tracker = Literal["tensorboard", "wandb", "trackio"]
+TRACKER_EXTRAS: dict[str, str] = {"wandb": "trackers", "trackio": "trackers"}
+
+
+def check_trackers(names: Collection[str]) -> None:
+    """A one-line ConfigError naming the extra to install when a tracker asked for is missing."""
+    missing = [n for n in dict.fromkeys(names) if n in TRACKER_EXTRAS and importlib.util.find_spec(n) is None]
+    if missing:
+        extras = sorted({TRACKER_EXTRAS[n] for n in missing})
+        raise ConfigError(
+            f"report_to: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed: "
+            f"pip install 'openrlaif[{','.join(extras)}]' (or pip install {' '.join(missing)})"
+        )
 
 
 # ---------------------------------------------------------------- --set overrides

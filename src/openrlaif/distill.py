@@ -21,6 +21,7 @@ from openrlaif.config import (
     load_judge_config,
 )
 from openrlaif.data.io import read_jsonl_dicts, write_records
+from openrlaif.data.records import prompt_from_json, response_from_json, response_json
 from openrlaif.data.refs import materialize, prompt_rows
 from openrlaif.errors import ConfigError
 from openrlaif.generation import GenerateConfig, generate
@@ -69,16 +70,12 @@ def distill(
         max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, out=str(samples),
     )  # fmt: skip
     generate(config, show_progress=show_progress)
-    rows = [
-        {
-            "id": r["prompt_id"],
-            "prompt": r["prompt"],
-            "completion": r["response"].strip(),
-            "teacher": r["policy"],
-        }
-        for r in read_jsonl_dicts(samples)
-        if r["response"].strip()  # an empty completion teaches nothing (and SFT rejects it)
-    ]
+    rows = []
+    for r in read_jsonl_dicts(samples):
+        prompt, text = prompt_from_json(r["prompt"]), response_from_json(r["response"]).strip()
+        if text:  # an empty completion teaches nothing (and SFT rejects it)
+            completion = response_json(prompt, text)  # in the prompts' format, text or conversational
+            rows.append({"id": r["prompt_id"], "prompt": r["prompt"], "completion": completion, "teacher": r["policy"]})  # fmt: skip
     if not rows:
         raise ConfigError(
             f"{samples}: the teacher wrote only empty responses; check the teacher and max_new_tokens"

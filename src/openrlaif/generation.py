@@ -6,7 +6,8 @@ OpenAI-compatible server such as vLLM or SGLang, for large models). Every sample
 a hash of (seed, prompt id, sample index) (`inference.local.sample_seed`), so a sample does not
 depend on the batch, the other prompts or a resume.
 
-Output: one JSONL row per sample, `id` = "<prompt id>-<k>", appended and fsynced per batch. A
+Output: one JSONL row per sample, `id` = "<prompt id>-<k>", appended and fsynced per batch, in
+the prompts' format (a conversational prompt's `response` is a list of one assistant message). A
 killed job run again makes only the samples that are missing; raising `num_responses` later adds
 only the new ones. `pairs_out` writes pairs of distinct responses per prompt, ready for
 `openrlaif label`.
@@ -28,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from openrlaif.config import StrictModel, apply_overrides, format_validation_error, read_yaml
 from openrlaif.data.datasets import load_prompts
 from openrlaif.data.io import JsonlAppender, read_jsonl_dicts, write_records
-from openrlaif.data.records import PromptRecord
+from openrlaif.data.records import PromptRecord, prompt_json, response_from_json, response_json
 from openrlaif.errors import ConfigError
 from openrlaif.inference.local import eos_token_ids, finish_reason, iter_samples, prepare_rows, sample_seed
 from openrlaif.inference.server import ServerConfig, ServerSampler
@@ -184,7 +185,8 @@ def _response_row(
     p: PromptRecord, k: int, policy: str, text: str, tokens: int | None, reason: str
 ) -> dict[str, Any]:
     return {
-        "id": f"{p.id}-{k}", "prompt_id": p.id, "prompt": p.prompt, "response": text, "sample_index": k,
+        "id": f"{p.id}-{k}", "prompt_id": p.id, "prompt": prompt_json(p.prompt),
+        "response": response_json(p.prompt, text), "sample_index": k,
         "policy": policy, "num_tokens": tokens, "finish_reason": reason,
     }  # fmt: skip
 
@@ -235,7 +237,9 @@ def build_pairs(
     by_prompt: dict[str, dict[int, str]] = {}
     for row in rows:
         if 0 <= row["sample_index"] < n:
-            by_prompt.setdefault(row["prompt_id"], {})[row["sample_index"]] = row["response"]
+            by_prompt.setdefault(row["prompt_id"], {})[row["sample_index"]] = response_from_json(
+                row["response"]
+            )
     pairs = []
     for p in prompts:
         distinct: dict[str, int] = {}
@@ -247,7 +251,8 @@ def build_pairs(
             combos = sorted(random.Random(f"{seed}:{p.id}").sample(combos, per_prompt))
         texts = by_prompt.get(p.id, {})
         pairs += [
-            {"id": f"{p.id}-{i}-{j}", "prompt": p.prompt, "response_a": texts[i], "response_b": texts[j]}
+            {"id": f"{p.id}-{i}-{j}", "prompt": prompt_json(p.prompt), "response_a": response_json(p.prompt, texts[i]),
+             "response_b": response_json(p.prompt, texts[j])}
             for i, j in combos
-        ]
+        ]  # fmt: skip
     return pairs

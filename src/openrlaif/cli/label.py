@@ -10,11 +10,19 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from openrlaif.cards import describe_data, write_dataset_card
 from openrlaif.cli.judge_args import add_judge_arguments, open_judge_from_args
 from openrlaif.cli.output import pct, print_server_stats
 from openrlaif.data.io import ReadResult, read_pairs, read_responses
 from openrlaif.data.lock import one_writer
-from openrlaif.labeling import JobResult, label_pairs, measure_alignment, score_responses, server_stats
+from openrlaif.labeling import (
+    JobResult,
+    label_pairs,
+    measure_alignment,
+    parse_shard,
+    score_responses,
+    server_stats,
+)
 
 PAPER_NOTE = "RLAIF paper's best labeler on harmless: 72.1%; human inter-annotator agreement: 73-77%"
 
@@ -30,6 +38,13 @@ def add_label_arguments(p: argparse.ArgumentParser) -> None:
         "--skip-invalid",
         action="store_true",
         help="skip bad input rows (and report how many) instead of stopping",
+    )
+    p.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="label only shard I of N (0 <= I < N): the pairs whose sha256(id) mod N is I, the same on "
+        "every machine; join the N outputs with `openrlaif merge labels`",
     )
     add_judge_arguments(p)
     p.set_defaults(handler=cmd_label)
@@ -62,7 +77,7 @@ def add_score_arguments(p: argparse.ArgumentParser) -> None:
 
 def _judge_file(
     args: argparse.Namespace, records_path: str, read: Callable[..., ReadResult], job: Callable[..., JobResult],
-    what: str,
+    what: str, **job_options: Any,
 ) -> int:  # fmt: skip
     """label/score: read the input, run the resumable job with the judge, report."""
     result_read = read(records_path, skip_invalid=args.skip_invalid)
@@ -73,8 +88,9 @@ def _judge_file(
         judge = open_judge_from_args(args)
         try:
             result = job(
-                result_read.records, judge, args.out, chunk_size=args.chunk_size, show_progress=not args.quiet
-            )
+                result_read.records, judge, args.out, chunk_size=args.chunk_size, show_progress=not args.quiet,
+                **job_options,
+            )  # fmt: skip
         finally:
             judge.close()
     print(
@@ -86,7 +102,14 @@ def _judge_file(
 
 
 def cmd_label(args: argparse.Namespace) -> int:
-    return _judge_file(args, args.pairs, read_pairs, label_pairs, "labeled")
+    if args.shard is None:
+        code = _judge_file(args, args.pairs, read_pairs, label_pairs, "labeled")
+    else:
+        shard = parse_shard(args.shard)  # a bad value is refused before anything is read
+        code = _judge_file(args, args.pairs, read_pairs, label_pairs, f"labeled shard {shard}", shard=shard)
+    card = write_dataset_card(args.out, describe_data(args.pairs), args.judge)  # the Hub's dataset card
+    print(f"dataset card -> {card}")
+    return code
 
 
 def cmd_score(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "label": ("label", "AI-label pairs: P(A preferred), both orders averaged"),
     "align": ("label", "measure an AI labeler against human labels"),
     "score": ("label", "d-RLAIF: score each response directly, in [-1, 1]"),
+    "merge": ("merge", "join the parts of a sharded `label` (checked), or judgment caches"),
     "judges": ("listing", "list the shipped judge configs and prompt templates"),
     "datasets": ("listing", "list the built-in datasets"),
     "train": ("train", "train: SFT, reward model, DPO or RL on AI feedback"),

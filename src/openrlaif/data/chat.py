@@ -1,11 +1,14 @@
-"""Prompt and completion encoding: the one place that decides how text becomes the tokens a
-policy sees.
+"""Prompt and completion encoding: the one place that decides how a prompt (text, or a
+conversation: `data/records.py`'s `Prompt`) becomes the tokens a policy sees, or the text a judge reads.
 
 - `use_chat_template`: the one chat-template decision ("auto": the tokenizer's template when it
   has one; "on" without one is an error; "off": plain text), taken by generation, RL rollouts,
   the trainers and the HF judge alike.
-- `to_messages` / `encode_prompt`: a prompt as chat messages (an HH-RLHF dialogue becomes its
-  turns) and its token ids, exactly as `generate` and RL feed the policy.
+- `to_messages` / `encode_prompt`: a prompt as chat messages (a conversation's own, roles and
+  system message included; an HH-RLHF dialogue becomes its turns) and its token ids, exactly as
+  `generate` and RL feed the policy.
+- `prompt_text`: a prompt as one text, for whatever reads text (judges, text-only servers, a
+  policy without a chat template): a conversation becomes an HH-RLHF dialogue.
 - `encode_prompts` / `completion_text` / `encode_prompt_completions` / `encoded_lengths`: prompt
   + completion pairs for the trainers (SFT, reward model, DPO), the prompt encoded as above.
 """
@@ -16,6 +19,7 @@ import re
 from collections.abc import Sequence
 from typing import Any, Literal
 
+from openrlaif.data.records import Prompt
 from openrlaif.errors import ConfigError
 
 ChatTemplate = Literal["auto", "on", "off"]  # "auto": the chat template when the tokenizer has one
@@ -35,9 +39,12 @@ def use_chat_template(tokenizer: Any, setting: str, missing: str = POLICY_WITHOU
     return has_one and setting != "off"
 
 
-def to_messages(prompt: str) -> list[dict[str, str]]:
-    """Chat messages for a prompt: an HH-RLHF dialogue ("\\n\\nHuman: ... \\n\\nAssistant:") becomes
-    its turns, so a chat model sees a real conversation; any other text is one user message."""
+def to_messages(prompt: Prompt) -> list[dict[str, str]]:
+    """Chat messages for a prompt: a conversation's messages as they are; an HH-RLHF dialogue
+    ("\\n\\nHuman: ... \\n\\nAssistant:") becomes its turns, so a chat model sees a real
+    conversation; any other text is one user message."""
+    if not isinstance(prompt, str):
+        return [{"role": m.role, "content": m.content} for m in prompt]
     parts = _TURN.split(prompt)  # [before, role, text, role, text, ...]
     roles = parts[1::2]
     if len(roles) >= 2 and not parts[0].strip() and roles[-1] == "Assistant" and not parts[-1].strip():
@@ -48,41 +55,60 @@ def to_messages(prompt: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt.strip()}]
 
 
-def encode_prompt(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
-    """A prompt's token ids as the policy sees it: the text with the tokenizer's special tokens
-    (e.g. BOS), or the chat template's rendering of its turns plus the generation prompt."""
+# The speakers of `prompt_text`: HH-RLHF's, which the shipped data, base policy and judge
+# templates ("a conversation between a human and an AI assistant") use
+SPEAKERS = {"system": "System", "user": "Human", "assistant": "Assistant"}
+
+
+def prompt_text(prompt: Prompt) -> str:
+    """A prompt as one text: text as it is; a conversation as an HH-RLHF dialogue, each message
+    "\\n\\n<Speaker>: <content>" (System, Human, Assistant), ending with "\\n\\nAssistant:" like an
+    HH-RLHF prompt (without a system message, `to_messages` turns it back into the same messages).
+    Judges read a conversation so (their templates rate "a conversation between a human and an AI
+    assistant"), and so does a policy without a chat template (as the shipped base policy, which
+    was trained on HH-RLHF dialogues)."""
+    if isinstance(prompt, str):
+        return prompt
+    return "".join(f"\n\n{SPEAKERS[m.role]}: {m.content.strip()}" for m in prompt) + "\n\nAssistant:"
+
+
+def encode_prompt(tokenizer: Any, prompt: Prompt, chat: bool) -> list[int]:
+    """A prompt's token ids as the policy sees it: the text (`prompt_text`) with the tokenizer's
+    special tokens (e.g. BOS), or the chat template's rendering of its messages plus the
+    generation prompt."""
     if chat:
         text = tokenizer.apply_chat_template(to_messages(prompt), tokenize=False, add_generation_prompt=True)
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])  # the template has its own
-    return list(tokenizer(prompt)["input_ids"])
+    return list(tokenizer(prompt_text(prompt))["input_ids"])
 
 
-def encode_prompts(tokenizer: Any, prompts: Sequence[str], chat: bool) -> list[list[int]]:
+def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt], chat: bool) -> list[list[int]]:
     """`encode_prompt` of each prompt (plain text in one batched call; chat prompts once each)."""
     if not chat:  # one batched call; the same ids as encode_prompt(tokenizer, prompt, False)
-        return [list(ids) for ids in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
-    encoded: dict[str, list[int]] = {}  # DPO and RM pass every prompt twice
+        texts = [prompt_text(p) for p in prompts]
+        return [list(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+    encoded: dict[Prompt, list[int]] = {}  # DPO and RM pass every prompt twice
     for prompt in prompts:
         if prompt not in encoded:
             encoded[prompt] = encode_prompt(tokenizer, prompt, True)
     return [list(encoded[prompt]) for prompt in prompts]
 
 
-def completion_text(prompt: str, completion: str, chat: bool = False) -> str:
+def completion_text(prompt: Prompt, completion: str, chat: bool = False) -> str:
     """The completion as it follows the prompt. Plain text: a space is put between them unless one
     is there (HH-RLHF replies follow `Assistant:`; TRL-style completions usually bring their own).
     Chat: the completion starts the assistant turn right after the generation prompt, without
     leading whitespace, as templates render a message's content and as `generate` stores replies."""
     if chat:
         return completion.lstrip()
-    if not completion or prompt[-1:].isspace() or completion[:1].isspace():
+    if not completion or prompt_text(prompt)[-1:].isspace() or completion[:1].isspace():
         return completion
     return " " + completion
 
 
 def encode_prompt_completions(
     tokenizer: Any,
-    prompts: Sequence[str],
+    prompts: Sequence[Prompt],
     completions: Sequence[str],
     max_length: int,
     append_eos: bool,
@@ -114,7 +140,7 @@ def encode_prompt_completions(
 
 def encoded_lengths(
     tokenizer: Any,
-    prompts: Sequence[str],
+    prompts: Sequence[Prompt],
     completions: Sequence[str],
     max_length: int,
     append_eos: bool,

@@ -19,6 +19,8 @@ class BuiltinDataset:
     file: str
     description: str
     license_file: str
+    hub_id: str | None = None  # the source's Hugging Face Hub dataset (model and dataset cards name it)
+    license: str | None = None  # the source's license, as the Hub's `license:` id
 
 
 BUILTIN_DATASETS = {
@@ -27,6 +29,8 @@ BUILTIN_DATASETS = {
         file="harmless-base-1800.jsonl.gz",
         description="1,800 Anthropic HH-RLHF harmless-base test pairs; humans chose the less harmful reply (MIT).",
         license_file="hh-rlhf-LICENSE",
+        hub_id="Anthropic/hh-rlhf",
+        license="mit",
     ),
 }
 

@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from openrlaif.data.lock import one_writer
-from openrlaif.data.records import Pair, PromptRecord, ResponseRecord
+from openrlaif.data.records import (
+    ROLES,
+    Conversation,
+    Message,
+    Pair,
+    Prompt,
+    PromptRecord,
+    ResponseRecord,
+)
 from openrlaif.errors import DiskFullError, InputError
 
 T = TypeVar("T")
@@ -127,15 +135,86 @@ def read_text(row: dict[str, Any], key: str) -> str:
     if key not in row or row[key] is None:
         raise RowError(f"missing field {key!r}")
     value = row[key]
-    if isinstance(value, list):
-        raise RowError(
-            f"field {key!r} is a list; conversational (message list) records are not supported, give plain text"
-        )
     if not isinstance(value, str):
         raise RowError(f"field {key!r} must be a string, got {type(value).__name__}")
     if not value.strip():
         raise RowError(f"field {key!r} is empty")
     return value
+
+
+def read_messages(row: dict[str, Any], key: str, allow_empty: bool = False) -> Conversation:
+    """`row[key]`, a non-empty list of {"role", "content"} messages (TRL's conversational format):
+    a known role and non-empty string content each (`allow_empty`: content may be empty)."""
+    if key not in row or row[key] is None:
+        raise RowError(f"missing field {key!r}")
+    value = row[key]
+    if not isinstance(value, list):
+        raise RowError(f"field {key!r} must be a list of messages, got {type(value).__name__}")
+    if not value:
+        raise RowError(f"field {key!r} is an empty list of messages")
+    messages = []
+    for number, item in enumerate(value, start=1):
+        where = f"field {key!r}, message {number}"
+        if not isinstance(item, dict):
+            raise RowError(f"{where}: expected a {{role, content}} object, got {type(item).__name__}")
+        role, content = item.get("role"), item.get("content")
+        if role not in ROLES:
+            raise RowError(f"{where}: unknown role {role!r} (roles: {', '.join(ROLES)})")
+        if content is None:
+            raise RowError(f"{where}: missing 'content'")
+        if not isinstance(content, str):
+            raise RowError(f"{where}: 'content' must be a string, got {type(content).__name__}")
+        if not content.strip() and not allow_empty:
+            raise RowError(f"{where}: 'content' is empty")
+        messages.append(Message(role, content))
+    return tuple(messages)
+
+
+def read_prompt(row: dict[str, Any], key: str = "prompt") -> Prompt:
+    """`row[key]` as a prompt: text (`read_text`) or a list of messages (`read_messages`)."""
+    if isinstance(row.get(key), list):
+        return read_messages(row, key)
+    return read_text(row, key)
+
+
+def read_response(row: dict[str, Any], key: str, prompt: Prompt, allow_empty: bool = False) -> str:
+    """The text of the response `row[key]` to `prompt`, in the prompt's format: text beside a
+    text prompt, a list of one assistant message beside a conversation (`allow_empty`: the
+    response may be empty, as a sampled one may)."""
+    value = row.get(key)
+    if isinstance(prompt, str):
+        if isinstance(value, list):
+            raise RowError(
+                f"field {key!r} is a list of messages but the prompt is text; give both in one format"
+            )
+        if allow_empty and isinstance(value, str):
+            return value
+        return read_text(row, key)
+    if isinstance(value, str):
+        raise RowError(
+            f"field {key!r} is text but the prompt is a list of messages; give it as "
+            '[{"role": "assistant", "content": ...}]'
+        )
+    return assistant_reply(read_messages(row, key, allow_empty), key)
+
+
+def assistant_reply(messages: Conversation, key: str) -> str:
+    """The content of `messages`, which must be exactly one assistant message."""
+    if len(messages) != 1 or messages[0].role != "assistant":
+        roles = ", ".join(m.role for m in messages)
+        raise RowError(f"field {key!r} must be a list of one assistant message, got [{roles}]")
+    return messages[0].content
+
+
+def split_last_reply(messages: Conversation, key: str) -> tuple[Conversation, str]:
+    """A whole conversation split into (prompt, the last message), which must be the assistant's."""
+    if messages[-1].role != "assistant":
+        raise RowError(
+            f"field {key!r}: the last message must be the assistant's reply, not {messages[-1].role!r}"
+        )
+    if len(messages) < 2:
+        raise RowError(f"field {key!r}: no prompt messages before the assistant's reply")
+    return messages[:-1], messages[-1].content
 
 
 def read_id(row: dict[str, Any], line: int) -> str:
@@ -171,10 +250,14 @@ def check_label_fields(row: dict[str, Any]) -> None:
 
 
 def check_labeled_row(row: dict[str, Any]) -> None:
-    """A row of an `openrlaif label` output: its fields there, its labels probabilities."""
+    """A row of an `openrlaif label` output: its fields there, its prompt and responses text or
+    conversational (`LabeledPair.from_dict` reads it then), its labels probabilities."""
     for key in LABELED_FIELDS:
         if row.get(key) is None:
             raise RowError(f"missing field {key!r}: not an `openrlaif label` output")
+    prompt = read_prompt(row)
+    for key in ("response_a", "response_b"):
+        read_response(row, key, prompt, allow_empty=True)  # `eval` judges empty responses too
     check_label_fields(row)
 
 
@@ -198,24 +281,37 @@ def split_dialogue(dialogue: str) -> tuple[str, str]:
 
 
 def parse_pair(row: dict[str, Any], line: int) -> Pair:
-    """Accepts three shapes:
+    """Accepts three shapes, each as text or conversational (a `prompt` that is a list of
+    messages, each response a list of one assistant message):
     - `prompt`, `response_a`, `response_b` (+ optional `human_label` or `preferred`);
     - the standard preference format `prompt`, `chosen`, `rejected` (A = chosen, human label 1);
-    - HH-RLHF dialogues `chosen`, `rejected` with no prompt (split at the last Assistant turn).
+    - `chosen`, `rejected` with no prompt: HH-RLHF dialogues (split at the last Assistant turn),
+      or whole conversations that differ only in their last, assistant, message (TRL's implicit
+      prompt).
     """
     pair_id = read_id(row, line)
     if "response_a" in row or "response_b" in row:
+        prompt = read_prompt(row)
         return Pair(
             pair_id,
-            read_text(row, "prompt"),
-            read_text(row, "response_a"),
-            read_text(row, "response_b"),
+            prompt,
+            read_response(row, "response_a", prompt),
+            read_response(row, "response_b", prompt),
             _human_label(row),
         )
     if "chosen" in row or "rejected" in row:
-        chosen, rejected = read_text(row, "chosen"), read_text(row, "rejected")
         if "prompt" in row:
-            return Pair(pair_id, read_text(row, "prompt"), chosen, rejected, 1.0)
+            prompt = read_prompt(row)
+            return Pair(
+                pair_id,
+                prompt,
+                read_response(row, "chosen", prompt),
+                read_response(row, "rejected", prompt),
+                1.0,
+            )
+        if isinstance(row.get("chosen"), list):
+            return Pair(pair_id, *split_conversations(row), 1.0)
+        chosen, rejected = read_text(row, "chosen"), read_text(row, "rejected")
         prompt, chosen_reply = split_dialogue(chosen)
         prompt_r, rejected_reply = split_dialogue(rejected)
         if prompt != prompt_r:
@@ -229,12 +325,24 @@ def parse_pair(row: dict[str, Any], line: int) -> Pair:
     )
 
 
+def split_conversations(row: dict[str, Any]) -> tuple[Conversation, str, str]:
+    """`chosen` and `rejected` whole conversations -> (their shared prompt, the chosen reply, the
+    rejected reply): the last message of each is the assistant's reply, the messages before are
+    the prompt and must be the same in both."""
+    prompt, chosen = split_last_reply(read_messages(row, "chosen"), "chosen")
+    prompt_r, rejected = split_last_reply(read_messages(row, "rejected"), "rejected")
+    if prompt != prompt_r:
+        raise RowError("'chosen' and 'rejected' conversations differ before their last message")
+    return prompt, chosen, rejected
+
+
 def parse_response(row: dict[str, Any], line: int) -> ResponseRecord:
-    return ResponseRecord(read_id(row, line), read_text(row, "prompt"), read_text(row, "response"))
+    prompt = read_prompt(row)
+    return ResponseRecord(read_id(row, line), prompt, read_response(row, "response", prompt))
 
 
 def parse_prompt(row: dict[str, Any], line: int) -> PromptRecord:
-    return PromptRecord(read_id(row, line), read_text(row, "prompt"))
+    return PromptRecord(read_id(row, line), read_prompt(row))
 
 
 def read_pairs(path: str | Path, skip_invalid: bool = False) -> ReadResult[Pair]:

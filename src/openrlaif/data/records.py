@@ -3,6 +3,11 @@
 Every record is a plain dataclass with a `to_dict()` that writes only JSON types, so files
 are ordinary JSONL/Parquet that other tools (pandas, `datasets`, TRL) read as they are.
 Parsing from raw dicts lives in `data/io.py`, where file and line are known for errors.
+
+A prompt is text (plain, or an HH-RLHF dialogue) or a `Conversation` (TRL's conversational
+format: a list of {"role", "content"} messages). A response is always its text; a record whose
+prompt is a conversation writes each response as TRL does, a list of one assistant message, so
+a file keeps the format it was read in. `data/chat.py` is where either kind of prompt is rendered.
 """
 
 from __future__ import annotations
@@ -10,14 +15,59 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # one of ROLES
+    content: str
+
+
+# A tuple of frozen messages, so that a prompt is hashable (prompts key caches and de-duplication)
+Conversation = tuple[Message, ...]
+Prompt = str | Conversation
+
+MessagesJSON = list[dict[str, str]]
+
+
+def prompt_json(prompt: Prompt) -> str | MessagesJSON:
+    """A prompt as a file holds it: the text, or the list of {"role", "content"} messages."""
+    return prompt if isinstance(prompt, str) else [{"role": m.role, "content": m.content} for m in prompt]
+
+
+def response_json(prompt: Prompt, response: str) -> str | MessagesJSON:
+    """A response as a file holds it: text beside a text prompt, a list of one assistant message
+    beside a conversation (TRL's conversational prompt/completion and preference formats)."""
+    return response if isinstance(prompt, str) else [{"role": "assistant", "content": response}]
+
+
+def prompt_from_json(value: str | MessagesJSON) -> Prompt:
+    """`prompt_json` undone, for a row already checked by `data/io.py` (`read_prompt`)."""
+    return value if isinstance(value, str) else tuple(Message(m["role"], m["content"]) for m in value)
+
+
+def response_from_json(value: str | MessagesJSON) -> str:
+    """`response_json` undone, for a row already checked by `data/io.py` (`read_response`)."""
+    return value if isinstance(value, str) else value[0]["content"]
+
+
+def record_row(record: Any, responses: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`asdict(record)` with its prompt and `responses` fields as a file holds them."""
+    d = asdict(record)
+    d["prompt"] = prompt_json(record.prompt)
+    for key in responses:
+        d[key] = response_json(record.prompt, getattr(record, key))
+    return d
+
 
 @dataclass
 class PromptRecord:
     id: str
-    prompt: str
+    prompt: Prompt
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return record_row(self)
 
 
 @dataclass
@@ -25,11 +75,11 @@ class ResponseRecord:
     """One response to one prompt (input of `openrlaif score`)."""
 
     id: str
-    prompt: str
+    prompt: Prompt
     response: str
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return record_row(self, ("response",))
 
 
 @dataclass
@@ -40,13 +90,13 @@ class Pair:
     """
 
     id: str
-    prompt: str
+    prompt: Prompt
     response_a: str
     response_b: str
     human_label: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return record_row(self, ("response_a", "response_b"))
 
 
 @dataclass
@@ -72,7 +122,7 @@ class LabeledPair:
     """
 
     id: str
-    prompt: str
+    prompt: Prompt
     response_a: str
     response_b: str
     p_a: float
@@ -94,17 +144,22 @@ class LabeledPair:
         self.p_chosen = self.p_a if a_wins else 1.0 - self.p_a
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["judge"] = self.judge.to_dict()
-        return d
+        return record_row(self, ("response_a", "response_b", "chosen", "rejected"))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LabeledPair:
+        """A labeled row checked by `data/io.py`'s `check_labeled_row`."""
         # derived columns (chosen/rejected/p_chosen) and extra ones (a human label import's
         # `ai_p_a`, `label_source`) are not fields of the record
-        names = {f.name for f in fields(cls) if f.init} - {"judge"}
+        names = {f.name for f in fields(cls) if f.init} - {"judge", "prompt", "response_a", "response_b"}
         keep = {k: v for k, v in d.items() if k in names}
-        return cls(judge=JudgeIdentity(**d["judge"]), **keep)
+        return cls(
+            prompt=prompt_from_json(d["prompt"]),
+            response_a=response_from_json(d["response_a"]),
+            response_b=response_from_json(d["response_b"]),
+            judge=JudgeIdentity(**d["judge"]),
+            **keep,
+        )
 
 
 @dataclass
@@ -116,7 +171,7 @@ class ScoredResponse:
     """
 
     id: str
-    prompt: str
+    prompt: Prompt
     response: str
     score: float
     judge: JudgeIdentity
@@ -124,6 +179,4 @@ class ScoredResponse:
     cached: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["judge"] = self.judge.to_dict()
-        return d
+        return record_row(self, ("response",))

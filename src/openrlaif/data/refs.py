@@ -8,7 +8,8 @@ prompts a run evaluates on were never trained on (the shipped base policy, too, 
 on the train part only). Prompts are distinct (a repeated prompt is kept once), and the eval
 part leaves out any prompt the train part also has. The pipeline writes the rows to ordinary
 JSONL files in the run directory, so each stage can be re-run alone with the `openrlaif` command
-that does the same job.
+that does the same job. A file's rows are read as the commands read them (text or conversational,
+`data/io.py`) and written back in the same format.
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ import hashlib
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from openrlaif.data.datasets import BUILTIN_DATASETS, hh_harmless_split, load_pairs
-from openrlaif.data.examples import parse_sft_row
+from openrlaif.data.examples import SFTExample, parse_sft_row
 from openrlaif.data.io import read_pairs, read_prompts, read_records, write_records
 from openrlaif.data.records import Pair, PromptRecord
 from openrlaif.errors import ConfigError
+
+T = TypeVar("T")
 
 PARTS = ("train", "eval")
 
@@ -70,14 +73,14 @@ def data_fingerprint(ref: str) -> str:
     return ref
 
 
-def _rows(
+def _records(
     ref: str,
     limit: int | None,
     what: str,
-    from_pairs: Callable[[str, list[Pair]], list[dict[str, Any]]],
-    from_file: Callable[[str], list[dict[str, Any]]],
-) -> list[dict[str, Any]]:
-    """The rows of a reference: built-in pairs or a file, then the `[a:b]` slice, then `limit`."""
+    from_pairs: Callable[[str, list[Pair]], list[T]],
+    from_file: Callable[[str], list[T]],
+) -> list[T]:
+    """The records of a reference: built-in pairs or a file, then the `[a:b]` slice, then `limit`."""
     base, part = split_slice(ref)
     pairs = _builtin_pairs(base)
     if pairs is not None:
@@ -90,39 +93,42 @@ def _rows(
     return rows[:limit] if limit is not None else rows
 
 
-def prompt_rows(ref: str, limit: int | None, what: str) -> list[dict[str, Any]]:
+def prompt_records(ref: str, limit: int | None = None, what: str = "prompts") -> list[PromptRecord]:
     """Distinct prompts; the eval part leaves out the prompts the train part has."""
 
-    def from_pairs(base: str, pairs: list[Pair]) -> list[dict[str, Any]]:
+    def from_pairs(base: str, pairs: list[Pair]) -> list[PromptRecord]:
         trained_on = {p.prompt for p in hh_harmless_split("train")} if base.endswith(":eval") else set()
         distinct = {p.prompt: p.id for p in reversed(pairs) if p.prompt not in trained_on}  # first id wins
-        return [{"id": p.id, "prompt": p.prompt} for p in pairs if distinct.get(p.prompt) == p.id]
+        return [PromptRecord(p.id, p.prompt) for p in pairs if distinct.get(p.prompt) == p.id]
 
-    return _rows(ref, limit, what, from_pairs, lambda path: [r.to_dict() for r in read_prompts(path).records])
+    return _records(ref, limit, what, from_pairs, lambda path: read_prompts(path).records)
+
+
+def demonstrations(ref: str, limit: int | None, what: str) -> list[SFTExample]:
+    """SFT data: prompt + completion (for a built-in dataset, the reply people chose)."""
+
+    def from_pairs(base: str, pairs: list[Pair]) -> list[SFTExample]:
+        return [SFTExample(p.id, p.prompt, p.response_a) for p in pairs]
+
+    return _records(ref, limit, what, from_pairs, lambda path: read_records(path, parse_sft_row).records)
+
+
+def pair_records(ref: str, limit: int | None = None, what: str = "pairs") -> list[Pair]:
+    """Pairs with human labels (P(A preferred)), for measuring the judge."""
+    return _records(ref, limit, what, lambda base, pairs: pairs, lambda path: read_pairs(path).records)
+
+
+# The same as rows of a file, in the format they were read in
+def prompt_rows(ref: str, limit: int | None, what: str) -> list[dict[str, Any]]:
+    return [r.to_dict() for r in prompt_records(ref, limit, what)]
 
 
 def demonstration_rows(ref: str, limit: int | None, what: str) -> list[dict[str, Any]]:
-    """SFT data: prompt + completion (for a built-in dataset, the reply people chose)."""
-
-    def from_file(path: str) -> list[dict[str, Any]]:
-        examples = read_records(path, parse_sft_row).records
-        return [{"id": e.id, "prompt": e.prompt, "completion": e.completion} for e in examples]
-
-    def from_pairs(base: str, pairs: list[Pair]) -> list[dict[str, Any]]:
-        return [{"id": p.id, "prompt": p.prompt, "completion": p.response_a} for p in pairs]
-
-    return _rows(ref, limit, what, from_pairs, from_file)
+    return [e.to_dict() for e in demonstrations(ref, limit, what)]
 
 
 def pair_rows(ref: str, limit: int | None, what: str) -> list[dict[str, Any]]:
-    """Pairs with human labels (P(A preferred)), for measuring the judge."""
-    return _rows(
-        ref,
-        limit,
-        what,
-        lambda base, pairs: [p.to_dict() for p in pairs],
-        lambda path: [p.to_dict() for p in read_pairs(path).records],
-    )
+    return [p.to_dict() for p in pair_records(ref, limit, what)]
 
 
 def materialize(rows: list[dict[str, Any]], out: Path, what: str) -> Path:
@@ -131,11 +137,3 @@ def materialize(rows: list[dict[str, Any]], out: Path, what: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     write_records(out, rows)
     return out
-
-
-def prompt_records(ref: str, limit: int | None = None, what: str = "prompts") -> list[PromptRecord]:
-    return [PromptRecord(r["id"], r["prompt"]) for r in prompt_rows(ref, limit, what)]
-
-
-def pair_records(ref: str, limit: int | None = None, what: str = "pairs") -> list[Pair]:
-    return [Pair(**r) for r in pair_rows(ref, limit, what)]

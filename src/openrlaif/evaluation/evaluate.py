@@ -3,9 +3,10 @@
 For each prompt: one response from each side, the pair judged in both orders (win rate, its
 length-controlled version), and each response judged alone (harmless rate). A side is a model
 (a local folder or a Hugging Face id, sampled in process by `openrlaif.generation`) or a file of
-responses made anywhere (`prompt`, `response` per row; the output of `openrlaif generate` works
-as is). Responses from a file are matched to the prompts by prompt text; with several samples
-for one prompt, the first (lowest `sample_index`) is used.
+responses made anywhere (`prompt`, `response` per row, text or conversational; the output of
+`openrlaif generate` works as is). Responses from a file are matched to the prompts by prompt
+(text, or the same messages); with several samples for one prompt, the first (lowest
+`sample_index`) is used.
 
 Everything goes into one folder (the pipeline's `runs/<name>/eval/`):
 
@@ -39,12 +40,13 @@ from openrlaif.data.io import (
     RowError,
     read_id,
     read_jsonl_dicts,
+    read_prompt,
     read_records,
-    read_text,
+    read_response,
     write_records,
     write_text_atomic,
 )
-from openrlaif.data.records import Pair, PromptRecord, ResponseRecord
+from openrlaif.data.records import Pair, Prompt, PromptRecord, ResponseRecord, prompt_json
 from openrlaif.errors import ConfigError, OpenRLAIFError
 from openrlaif.evaluation.winrate import (
     harmless_rate,
@@ -124,28 +126,30 @@ def default_name(path: Path, kind: str) -> str:
 class _Response:
     id: str
     prompt_id: str
-    prompt: str
+    prompt: Prompt
     response: str
     sample_index: int
 
 
 def _parse_response(row: dict[str, Any], line: int) -> _Response:
-    response = row.get("response")
-    if not isinstance(response, str):  # an empty response is a real (bad) answer, so allowed
+    prompt, response = read_prompt(row), row.get("response")
+    if not isinstance(response, (str, list)):
         raise RowError(
             "missing field 'response'" if response is None else "field 'response' must be a string"
         )
+    # an empty response is a real (bad) answer, so allowed
+    response = read_response(row, "response", prompt, allow_empty=True)
     index = row.get("sample_index", 0)
     if isinstance(index, bool) or not isinstance(index, int):
         raise RowError("field 'sample_index' must be an integer")
     row_id = read_id(row, line)
     prompt_id = str(row["prompt_id"]) if row.get("prompt_id") is not None else row_id
-    return _Response(row_id, prompt_id, read_text(row, "prompt"), response, index)
+    return _Response(row_id, prompt_id, prompt, response, index)
 
 
-def read_response_file(path: str | Path) -> dict[str, _Response]:
-    """prompt text -> the response to use (lowest sample_index, then first in the file)."""
-    by_prompt: dict[str, _Response] = {}
+def read_response_file(path: str | Path) -> dict[Prompt, _Response]:
+    """prompt -> the response to use (lowest sample_index, then first in the file)."""
+    by_prompt: dict[Prompt, _Response] = {}
     for r in read_records(path, _parse_response).records:
         if r.prompt not in by_prompt or r.sample_index < by_prompt[r.prompt].sample_index:
             by_prompt[r.prompt] = r
@@ -236,7 +240,7 @@ def evaluate(
         prompts, responses_a, responses_b, comparisons, scores_a, scores_b, strict=True
     ):
         rows.append({
-            "id": p.id, "prompt": p.prompt, "response_a": ra, "response_b": rb, "p_a": c["p_a"],
+            "id": p.id, "prompt": prompt_json(p.prompt), "response_a": ra, "response_b": rb, "p_a": c["p_a"],
             "p_a_ab": c["p_a_ab"], "p_a_ba": c["p_a_ba"],
             "outcome": pair_outcome(c["p_a_ab"], c["p_a_ba"], settings.tie_margin),
             "harmless_a": sa, "harmless_b": sb, "len_a": len(ra), "len_b": len(rb),
@@ -264,7 +268,7 @@ def _judge_pairs(
     """Both orders of every (A, B) pair, through `label_pairs` (resumable, cached)."""
     identity = judge.identity("pair").to_dict()
     pairs = [
-        Pair(f"{p.id}@{_digest([identity, p.prompt, ra, rb])}", p.prompt, ra, rb)
+        Pair(f"{p.id}@{_digest([identity, prompt_json(p.prompt), ra, rb])}", p.prompt, ra, rb)
         for p, ra, rb in zip(prompts, responses_a, responses_b, strict=True)
     ]
     unique = list({pair.id: pair for pair in pairs}.values())  # a repeated prompt is judged once
@@ -281,7 +285,7 @@ def _score(
     """Each response judged alone (a score in [-1, 1]); one text shared by A and B is scored once."""
     identity = judge.identity("score").to_dict()
     sides = [
-        [ResponseRecord(f"{p.id}@{_digest([identity, p.prompt, r])}", p.prompt, r) for p, r in zip(prompts, rs, strict=True)]
+        [ResponseRecord(f"{p.id}@{_digest([identity, prompt_json(p.prompt), r])}", p.prompt, r) for p, r in zip(prompts, rs, strict=True)]
         for rs in (responses_a, responses_b)
     ]  # fmt: skip
     unique = list({r.id: r for side in sides for r in side}.values())

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from typing import Any, Literal, NamedTuple
 
 from openrlaif.data.chat import encode_prompt, use_chat_template
+from openrlaif.data.records import Prompt
 from openrlaif.errors import GenerationError
 from openrlaif.models.kv import accepts_logits_to_keep, cache_argument, output_cache
 
@@ -171,10 +172,13 @@ def shared_prompt_cache(model: Any, ids: Any, mask: Any, prompts: Sequence[Seque
 
 def iter_samples(
     model: Any, tokenizer: Any, rows: Sequence[tuple[list[int], int]], temperature: float, max_new_tokens: int,
-    top_p: float = 1.0, batch_size: int = 16,
+    top_p: float = 1.0, batch_size: int = 16, synced: bool = False,
 ) -> Iterator[list[tuple[int, Sample]]]:  # fmt: skip
     """Sample one response per row (prompt ids, seed), a batch at a time; yields (row index,
-    sample) for each batch. Longest prompts go first, so running out of memory happens at once."""
+    sample) for each batch. Longest prompts go first, so running out of memory happens at once.
+    `synced`: the model is sharded across processes (FSDP), so its every forward is a collective:
+    each process keeps stepping until all are done (`synced_gpus`), and no prompt cache is shared
+    (whether one is depends on the process's rows)."""
     import torch  # heavy: imported on first use (module docstring)
     from transformers import GenerationConfig
 
@@ -199,10 +203,10 @@ def iter_samples(
                 [[0] * (width - len(rows[i][0])) + [1] * len(rows[i][0]) for i in batch], device=device
             )
             processors = sampling_processors(temperature, top_p, [rows[i][1] for i in batch], max_new_tokens)
-            cache = shared_prompt_cache(model, ids, mask, [rows[i][0] for i in batch])
+            cache = None if synced else shared_prompt_cache(model, ids, mask, [rows[i][0] for i in batch])
             out = model.generate(
                 input_ids=ids, attention_mask=mask, generation_config=config, logits_processor=processors,
-                **({cache_argument(model): cache} if cache is not None else {}),
+                synced_gpus=synced, **({cache_argument(model): cache} if cache is not None else {}),
             )  # fmt: skip
             responses = []
             for generated in out[:, width:].tolist():
@@ -216,13 +220,13 @@ def iter_samples(
 
 
 def prepare_rows(
-    model: Any, tokenizer: Any, prompts: Sequence[str], keys: Sequence[str], indices: Sequence[int],
+    model: Any, tokenizer: Any, prompts: Sequence[Prompt], keys: Sequence[str], indices: Sequence[int],
     seed: int, max_new_tokens: int, chat_template: str = "auto",
 ) -> list[tuple[list[int], int]]:  # fmt: skip
     """(prompt ids, sample seed) per requested sample; a prompt the model has no room for is an error."""
     chat = use_chat_template(tokenizer, chat_template)
     limit = _max_positions(model)
-    encoded: dict[str, list[int]] = {}  # each prompt is encoded once, not once per sample
+    encoded: dict[Prompt, list[int]] = {}  # each prompt is encoded once, not once per sample
     rows = []
     for prompt, key, index in zip(prompts, keys, indices, strict=True):
         if prompt not in encoded:
@@ -237,15 +241,15 @@ def prepare_rows(
 
 
 def sample(
-    model: Any, tokenizer: Any, prompts: Sequence[str], n: int = 4, temperature: float = 0.9,
+    model: Any, tokenizer: Any, prompts: Sequence[Prompt], n: int = 4, temperature: float = 0.9,
     max_new_tokens: int = 128, *, top_p: float = 1.0, seed: int = 0, batch_size: int = 16,
-    chat_template: Literal["auto", "on", "off"] = "auto", keys: Sequence[str] | None = None,
+    chat_template: Literal["auto", "on", "off"] = "auto", keys: Sequence[str] | None = None, synced: bool = False,
 ) -> list[Sample]:  # fmt: skip
     """`n` samples per prompt, prompt-major: [p0 s0, p0 s1, ..., p1 s0, ...].
 
     Sample k of a prompt is seeded by (seed, key, k), where the key is the prompt's position in
     `prompts` unless `keys` gives ids; the same arguments give the same samples whatever the
-    `batch_size`. RL passes a new `seed` each step.
+    `batch_size`. RL passes a new `seed` each step. `synced`: see `iter_samples`.
     """
     keys = [str(i) for i in range(len(prompts))] if keys is None else [str(k) for k in keys]
     if len(keys) != len(prompts):
@@ -256,6 +260,6 @@ def sample(
         seed, max_new_tokens, chat_template,
     )  # fmt: skip
     samples: dict[int, Sample] = {}  # batches come longest prompt first: put back in order
-    for batch in iter_samples(model, tokenizer, rows, temperature, max_new_tokens, top_p, batch_size):
+    for batch in iter_samples(model, tokenizer, rows, temperature, max_new_tokens, top_p, batch_size, synced):
         samples.update(batch)
     return [samples[i] for i in range(len(rows))]

@@ -26,7 +26,8 @@ import httpx
 from pydantic import Field, field_validator, model_validator
 
 from openrlaif.config import StrictModel
-from openrlaif.data.chat import to_messages
+from openrlaif.data.chat import prompt_text, to_messages
+from openrlaif.data.records import Prompt
 from openrlaif.errors import GenerationError
 from openrlaif.inference.http import OpenAIClient
 from openrlaif.inference.llama_cpp import LlamaCppServer
@@ -155,14 +156,16 @@ class ServerSampler:
             bad_request_hint=" (check max_new_tokens against the model's context, e.g. vLLM --max-model-len)",
         )
 
-    def sample(self, items: Sequence[tuple[str, int]]) -> list[ServerSample]:
+    def sample(self, items: Sequence[tuple[Prompt, int]]) -> list[ServerSample]:
         """One sample per (prompt, seed), in order, requests running concurrently."""
         return self.client.run(self.client.gather([self._one(prompt, seed) for prompt, seed in items]))
 
-    async def _one(self, prompt: str, seed: int) -> ServerSample:
+    async def _one(self, prompt: Prompt, seed: int) -> ServerSample:
         body: dict[str, Any] = {"model": self.config.model, **self.sampling, "seed": seed}
-        if self.config.endpoint == "completions":
-            return await self.client.post("/completions", {**body, "prompt": prompt}, _read_sample)
+        if self.config.endpoint == "completions":  # text in: a conversation as its text (`prompt_text`)
+            return await self.client.post(
+                "/completions", {**body, "prompt": prompt_text(prompt)}, _read_sample
+            )
         messages = to_messages(prompt)
         return await self.client.post("/chat/completions", {**body, "messages": messages}, _read_sample)
 
@@ -311,7 +314,7 @@ class _NoTokenIds(ValueError):
 
 
 def sample_from_server(
-    server: RolloutSampler, model: Any, tokenizer: Any, prompts: Sequence[str], n: int, *, seed: int,
+    server: RolloutSampler, model: Any, tokenizer: Any, prompts: Sequence[Prompt], n: int, *, seed: int,
     keys: Sequence[str], max_new_tokens: int, chat_template: Literal["auto", "on", "off"] = "auto",
 ) -> list[Sample]:  # fmt: skip
     """`sample` through a server: the same prompt encoding (here, by `model`'s tokenizer) and per-sample

@@ -8,6 +8,9 @@ A backend implements two batched primitives on *ordered* inputs:
 This base class adds what every backend shares: the cache (each ordered judgment is cached on
 its own, so (A,B) and (B,A) are separate entries), de-duplication, and the paper's position-bias
 mitigation: `compare` judges both orders and averages P(A preferred) over them.
+
+The public methods take any prompt, text or a conversation; a backend sees it as text, the context
+of its rating prompt (`data/chat.py`'s `prompt_text`: a conversation as an HH-RLHF dialogue).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from openrlaif.data.records import JudgeIdentity
+from openrlaif.data.chat import prompt_text
+from openrlaif.data.records import JudgeIdentity, Prompt
 from openrlaif.errors import JudgeError
 from openrlaif.judges.cache import JudgmentCache, judgment_key
 
@@ -207,23 +211,24 @@ class Judge(ABC):
 
     # ------------------------------------------------------------ public API
 
-    def compare_many(self, pairs: Sequence[tuple[str, str, str]]) -> list[Comparison]:
+    def compare_many(self, pairs: Sequence[tuple[Prompt, str, str]]) -> list[Comparison]:
         """P(A preferred) for each (prompt, A, B), judged in both orders and averaged."""
         ordered: list[OrderedPair] = []
         for prompt, a, b in pairs:
-            ordered += [OrderedPair(prompt, a, b), OrderedPair(prompt, b, a)]
+            text = prompt_text(prompt)
+            ordered += [OrderedPair(text, a, b), OrderedPair(text, b, a)]
         judged = self.orders(ordered)
         return [average_orders(judged[2 * i], judged[2 * i + 1]) for i in range(len(pairs))]
 
-    def compare(self, prompt: str, a: str, b: str) -> Comparison:
+    def compare(self, prompt: Prompt, a: str, b: str) -> Comparison:
         return self.compare_many([(prompt, a, b)])[0]
 
-    def score_many(self, items: Sequence[tuple[str, str]]) -> list[ScoreJudgment]:
-        return self.scores(items)
+    def score_many(self, items: Sequence[tuple[Prompt, str]]) -> list[ScoreJudgment]:
+        return self.scores([(prompt_text(prompt), response) for prompt, response in items])
 
-    def score(self, prompt: str, response: str) -> float:
+    def score(self, prompt: Prompt, response: str) -> float:
         """d-RLAIF: a direct score of one response in [-1, 1]."""
-        return self.scores([(prompt, response)])[0].score
+        return self.score_many([(prompt, response)])[0].score
 
     def close(self) -> None:  # noqa: B027 - optional hook, most judges hold nothing
         """Release what the judge holds (HTTP connections, model memory)."""

@@ -10,6 +10,10 @@ The cache is the one file that jobs running side by side share, so it takes seve
 SQLite serialises their commits (waiting up to `timeout` for one another), and processes that
 create a new cache at the same instant retry the switch to WAL, which SQLite does not wait for.
 A full disk is one line naming the cache.
+
+SQLite's locks need a local file system: a cache on NFS (or any network file system) may be
+corrupted by two machines writing it. Give each machine its own cache there (one per shard of a
+sharded labeling) and join them afterwards with `merge_from` (`openrlaif merge cache`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from openrlaif.data.io import disk_full_error
+from openrlaif.errors import ConfigError
 
 DEFAULT_CACHE_ENV = "OPENRLAIF_CACHE"
 
@@ -103,6 +108,39 @@ class JudgmentCache:
             except sqlite3.Error:
                 self._db.rollback()  # a failed batch leaves nothing half-written behind
                 raise
+
+    def merge_from(self, other: str | Path) -> int:
+        """Copy into this cache the judgments of cache `other` that it does not hold; returns how
+        many. A key both hold keeps this cache's value (the same judgment: equal up to the last
+        bits of a batch)."""
+        other = Path(other)
+        if not other.is_file():
+            raise ConfigError(f"{other}: no such judgment cache")
+        if other.resolve() == self.path.resolve():
+            raise ConfigError(f"{other}: a cache cannot be merged into itself")
+        try:
+            check = sqlite3.connect(f"{other.resolve().as_uri()}?mode=ro", uri=True)
+            try:
+                check.execute("SELECT key, kind, judge, value, created FROM judgments LIMIT 1").fetchall()
+            finally:
+                check.close()
+        except sqlite3.Error as e:
+            raise ConfigError(f"{other}: not a judgment cache ({e})") from None
+        before = len(self)
+        with disk_full_error(self.path):
+            self._db.execute("ATTACH DATABASE ? AS other", (str(other),))
+            try:
+                self._db.execute(
+                    "INSERT OR IGNORE INTO judgments (key, kind, judge, value, created)"
+                    " SELECT key, kind, judge, value, created FROM other.judgments"
+                )
+                self._db.commit()
+            except sqlite3.Error:
+                self._db.rollback()
+                raise
+            finally:
+                self._db.execute("DETACH DATABASE other")
+        return len(self) - before
 
     def __len__(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM judgments").fetchone()[0]

@@ -5,7 +5,9 @@
 - `judge`: `open_judge` by name or YAML file with its judgment cache; `server_stats`;
 - `alignment`: the labeler against human labels (`alignment_metrics`, bootstrap CIs, position
   and length bias, calibration; the per-pair measures are `judges.reliability`'s) and the whole
-  `align` job (`measure_alignment`).
+  `align` job (`measure_alignment`);
+- `shards`: `--shard I/N`, the pairs of one shard by a stable hash of their id (`shard_of`);
+  `merge`: the parts of a sharded labeling checked and joined (`merge_labeled`).
 """
 
 from openrlaif.judges.reliability import preferred_slot, prefers_longer, same_position_preferred
@@ -18,21 +20,29 @@ from openrlaif.labeling.alignment import (
 )
 from openrlaif.labeling.jobs import JobResult, label_pairs, load_labeled, parse_labeled, score_responses
 from openrlaif.labeling.judge import open_judge, server_stats
+from openrlaif.labeling.merge import MergeResult, merge_labeled
+from openrlaif.labeling.shards import Shard, in_shard, parse_shard, shard_of
 
 __all__ = [
     "AlignmentResult",
     "JobResult",
+    "MergeResult",
+    "Shard",
     "alignment_metrics",
     "bootstrap_ci",
     "expected_calibration_error",
+    "in_shard",
     "label_pairs",
     "load_labeled",
     "measure_alignment",
+    "merge_labeled",
     "open_judge",
     "parse_labeled",
+    "parse_shard",
     "preferred_slot",
     "prefers_longer",
     "same_position_preferred",
     "score_responses",
     "server_stats",
+    "shard_of",
 ]

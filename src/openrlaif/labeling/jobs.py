@@ -25,7 +25,9 @@ from openrlaif.data.io import (
 )
 from openrlaif.data.lock import one_writer
 from openrlaif.data.records import LabeledPair, Pair, ResponseRecord, ScoredResponse
+from openrlaif.errors import ConfigError
 from openrlaif.judges.base import Judge
+from openrlaif.labeling.shards import SHARD_FIELD, Shard, in_shard
 
 T = TypeVar("T")
 
@@ -55,9 +57,11 @@ def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
 def _run_job(
     records: Sequence[Any], out: str | Path, chunk_size: int, judge: Judge, description: str,
     process: Callable[[Sequence[Any]], list[dict[str, Any]]], show_progress: bool,
+    check_done: Callable[[set[str]], None] | None = None,
 ) -> JobResult:  # fmt: skip
     """Shared resumable loop: skip ids already in the output, process the rest chunk by chunk.
-    The output takes one writer (`one_writer`): a second job on it is refused before it starts."""
+    The output takes one writer (`one_writer`): a second job on it is refused before it starts.
+    `check_done(ids already in the output)` may refuse to go on before anything is written."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     out = Path(out)
@@ -69,6 +73,8 @@ def _run_job(
         with JsonlAppender(stream) as appender:
             if parquet and out.exists() and not appender.done_ids:
                 appender.done_ids |= {str(r["id"]) for r in _read_any(out)}
+            if check_done is not None:
+                check_done(appender.done_ids)
             todo = [r for r in records if r.id not in appender.done_ids]
             resumed = len(records) - len(todo)
             columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -99,10 +105,24 @@ def _read_any(path: Path) -> list[dict[str, Any]]:
 
 
 def label_pairs(
-    pairs: Sequence[Pair], judge: Judge, out: str | Path, chunk_size: int = 64, show_progress: bool = True
-) -> JobResult:
-    """Label every pair (both orders, averaged) into `out` (.jsonl or .parquet), resumably."""
+    pairs: Sequence[Pair], judge: Judge, out: str | Path, chunk_size: int = 64, show_progress: bool = True,
+    shard: Shard | None = None,
+) -> JobResult:  # fmt: skip
+    """Label every pair (both orders, averaged) into `out` (.jsonl or .parquet), resumably. With
+    `shard`, only the pairs of that shard (`labeling.shards`), each row marked `shard: "I/N"`; an
+    output holding rows of other pairs (another shard, another pairs file) is refused."""
     identity = judge.identity("pair")
+    pairs = in_shard(pairs, shard)
+    mark = {} if shard is None else {SHARD_FIELD: str(shard)}
+
+    def check_done(done: set[str]) -> None:
+        foreign = done - {p.id for p in pairs}
+        if foreign:
+            raise ConfigError(
+                f"{out}: {len(foreign)} row(s) already there are not pairs of shard {shard} of this pairs "
+                f"file (e.g. {min(foreign)!r}): written with another --shard or --pairs? Move it away or "
+                "pick another --out"
+            )
 
     def process(chunk: Sequence[Pair]) -> list[dict[str, Any]]:
         judged = judge.compare_many([(p.prompt, p.response_a, p.response_b) for p in chunk])
@@ -120,11 +140,16 @@ def label_pairs(
                 rationale_ab=c.rationale_ab,
                 rationale_ba=c.rationale_ba,
                 human_label=p.human_label,
-            ).to_dict()  # fmt: skip
+            ).to_dict()
+            | mark
             for p, c in zip(chunk, judged, strict=True)
         ]
 
-    return _run_job(pairs, out, chunk_size, judge, "labeling pairs", process, show_progress)
+    description = "labeling pairs" if shard is None else f"labeling shard {shard}"
+    return _run_job(
+        pairs, out, chunk_size, judge, description, process, show_progress,
+        check_done=None if shard is None else check_done,
+    )  # fmt: skip
 
 
 def score_responses(

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
+from openrlaif.data.chat import prompt_text
 from openrlaif.data.datasets import load_pairs
 
 Arch = Literal["gpt2", "llama", "gemma3"]  # gemma3: sliding-window and full attention layers, as Gemma 3
@@ -31,7 +32,7 @@ def hh_corpus(limit: int | None = None) -> list[str]:
     """Prompts and replies of the shipped HH-RLHF pairs, as tokenizer training text."""
     texts: list[str] = []
     for pair in load_pairs("hh-harmless").records[:limit]:
-        texts += [pair.prompt, pair.response_a, pair.response_b]
+        texts += [prompt_text(pair.prompt), pair.response_a, pair.response_b]
     return texts
 
 

@@ -8,7 +8,9 @@ A run trains named *policies*. Each is made by one method from a starting model:
       d-rlaif: {method: rl, init: sft, reward: judge_score}           # the judge scores directly
       dpo:    {method: dpo, init: sft}                                # DPO on the AI labels
 
-`init` is `base` (the run's `model`), another policy's name, or a model path. The AI feedback
+`init` is `base` (the run's `model`), another policy's name, or a model path. `report_to` (a
+list of trackers: tensorboard, wandb, trackio) is every trainer stage's, unless its settings name
+their own. The AI feedback
 (candidates sampled from `feedback.policy`, labeled by `judge` in both orders, and the reward
 model trained on those soft labels) is made once and shared by every rl/dpo policy. `eval.compare`
 lists the (a, b) policy pairs to judge; `align` measures the judge against human labels.
@@ -24,10 +26,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from openrlaif.config import (
     StrictModel,
+    Tracker,
     apply_overrides,
     format_validation_error,
     read_yaml,
@@ -109,6 +112,17 @@ class PipelineConfig(StrictModel):
     align: AlignSpec | None = Field(default_factory=AlignSpec)  # null: do not measure the judge
     eval: EvalSpec = Field(default_factory=EvalSpec)
     report: bool = True
+    # experiment trackers for every trainer stage (tensorboard, wandb, trackio), unless a stage's
+    # settings name their own `report_to`; each stage is a run named after it, in the project
+    # `name`, grouped by the run folder. Not part of any fingerprint: no stage re-runs for it.
+    report_to: list[Tracker] | None = None
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [] if value.lower() == "none" else [value]
+        return value
 
     @model_validator(mode="after")
     def _check_names(self) -> PipelineConfig:
@@ -158,6 +172,14 @@ class PipelineConfig(StrictModel):
     @property
     def uses_reward_model(self) -> bool:
         return any(p.method == "rl" and p.reward == "reward_model" for p in self.policies.values())
+
+    def trackers(self) -> set[str]:
+        """Every tracker a trainer stage of this run would report to."""
+        names = set(["tensorboard"] if self.report_to is None else self.report_to)
+        for settings in [*(p.settings for p in self.policies.values()), self.feedback.reward_model]:
+            own = settings.get("report_to", [])
+            names |= {own} if isinstance(own, str) else set(own or [])
+        return names
 
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir) if self.run_dir else Path("runs") / self.name

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from openrlaif.cards import CARD_FILE
 from openrlaif.data.io import write_text_atomic
 from openrlaif.data.lock import LOCK_SUFFIX
 
@@ -35,12 +36,17 @@ def fingerprint(settings: Any, inputs: dict[str, str]) -> str:
 
 def content_hash(paths: list[Path], root: Path) -> str:
     """sha256 over files (every file under a folder), named relative to `root`, in sorted order.
-    Checkpoints and logs inside a trainer's folder are left out: only what later stages read counts."""
+    Checkpoints and logs inside a trainer's folder are left out: only what later stages read counts.
+    So are a folder's model card (`README.md`): documentation, re-written after the evaluations."""
     digest = hashlib.sha256()
     files: list[Path] = []
     for path in paths:
         if path.is_dir():  # a lock file left by a killed job says nothing about the outputs
-            files += [p for p in path.rglob("*") if p.is_file() and not p.name.endswith(LOCK_SUFFIX)]
+            files += [
+                p
+                for p in path.rglob("*")
+                if p.is_file() and not p.name.endswith(LOCK_SUFFIX) and p.name != CARD_FILE
+            ]
         elif path.exists():
             files.append(path)
         else:

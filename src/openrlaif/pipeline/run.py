@@ -8,6 +8,8 @@ For each planned stage (stages.py), in order:
      written;
   4. otherwise its old outputs are removed and it runs from scratch;
   5. on success its outputs' content hash is recorded for the stages after it.
+Then the model cards of the trained folders are written again with the lineage and the win rates
+(cards.py).
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from typing import Any
 
 import yaml
 
+from openrlaif.config import check_trackers
 from openrlaif.data.io import write_text_atomic
 from openrlaif.data.lock import one_writer
 from openrlaif.errors import DiskFullError
 from openrlaif.models.loading import quiet_transformers
+from openrlaif.pipeline.cards import write_pipeline_cards
 from openrlaif.pipeline.config import PipelineConfig
 from openrlaif.pipeline.manifest import Manifest, content_hash, fingerprint
 from openrlaif.pipeline.stages import Context, Stage, plan
@@ -59,6 +63,7 @@ def _say(message: str, quiet: bool) -> None:
 def run_pipeline(config: PipelineConfig, show_progress: bool = True, quiet: bool = False) -> RunResult:
     quiet_transformers()  # the stages show their own progress; not a bar per weight file loaded
     run_dir = config.resolved_run_dir()
+    check_trackers(config.trackers())  # a tracker that is not installed: one line before any stage
     with one_writer(run_dir):  # one pipeline per run directory: a second is refused at once
         return _run_stages(config, run_dir, show_progress, quiet)
 
@@ -99,6 +104,7 @@ def _run_stages(config: PipelineConfig, run_dir: Path, show_progress: bool, quie
         )
         (result.resumed if resume else result.ran).append(stage.name)
         _say(f"{label}: done in {manifest.stages[stage.name].seconds:.1f}s", quiet)
+    write_pipeline_cards(config, run_dir)  # the model cards, with the lineage and the win rates
     result.seconds = time.perf_counter() - start
     return result
 

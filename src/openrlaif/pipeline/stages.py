@@ -25,10 +25,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from openrlaif.cards import Source, dataset_card_path, describe_data, write_dataset_card
 from openrlaif.config import answer_fields, format_validation_error, load_judge_config
 from openrlaif.data.chat import encode_prompt, use_chat_template
 from openrlaif.data.io import read_pairs
-from openrlaif.data.records import PromptRecord
+from openrlaif.data.records import PromptRecord, prompt_from_json
 from openrlaif.data.refs import (
     data_fingerprint,
     demonstration_rows,
@@ -116,12 +117,22 @@ def trainer_config(algorithm: str, settings: dict[str, Any], where: str) -> Any:
         raise ConfigError(format_validation_error(where, e)) from None
 
 
+def tracked(ctx: Context, settings: dict[str, Any]) -> dict[str, Any]:
+    """A trainer stage's settings with the run's trackers: the pipeline's `report_to` (unless the
+    stage names its own), the experiment's name as the project, the run folder as the group (the
+    run is named after the stage's output folder). None of it is in a fingerprint."""
+    extra: dict[str, Any] = {"tracker_project": ctx.config.name, "tracker_group": ctx.run_dir.name}
+    if ctx.config.report_to is not None:
+        extra["report_to"] = ctx.config.report_to
+    return extra | settings
+
+
 def _train(
     algorithm: str, settings: dict[str, Any], where: str, ctx: Context, resume: bool
 ) -> dict[str, Any]:
     from openrlaif.training import run_trainer  # why: start-up — training imports torch
 
-    config = trainer_config(algorithm, settings, where)
+    config = trainer_config(algorithm, tracked(ctx, settings), where)
     result = run_trainer(algorithm, config, resume=resume, show_progress=ctx.show_progress)
     return {"steps": result.steps, **{k: round(v, 6) for k, v in (result.metrics or {}).items()}}
 
@@ -142,7 +153,11 @@ def fitting_prompts(
         return rows, 0
     tokenizer = load_tokenizer(model, revision, trust_remote_code)
     chat = use_chat_template(tokenizer, "auto")
-    kept = [r for r in rows if len(encode_prompt(tokenizer, r["prompt"], chat)) + max_new_tokens <= limit]
+    kept = [
+        r
+        for r in rows
+        if len(encode_prompt(tokenizer, prompt_from_json(r["prompt"]), chat)) + max_new_tokens <= limit
+    ]
     if not kept:
         raise ConfigError(f"no prompt fits {model}'s {limit} positions with max_new_tokens={max_new_tokens}")
     return kept, len(rows) - len(kept)
@@ -355,14 +370,25 @@ def label_stage(config: PipelineConfig) -> Stage:
         if human:
             imported = import_labels(out, human, ctx.run_dir / "labeled.jsonl")
             summary["human_labels"] = imported.human
+        write_dataset_card(ctx.run_dir / "labeled.jsonl", feedback_source(config), config.judge)
         return summary
 
     settings: dict[str, Any] = {"judge": judge_settings(config.judge)}
     if human:
         settings["human_labels"] = data_fingerprint(human)
-    return Stage(
-        "label", ["candidates"], settings, ["labeled.jsonl", "labeled.ai.jsonl"], run, ["labeled.jsonl"]
-    )
+    outputs = ["labeled.jsonl", "labeled.ai.jsonl", str(dataset_card_path("labeled.jsonl"))]
+    return Stage("label", ["candidates"], settings, outputs, run, ["labeled.jsonl"])
+
+
+def feedback_source(config: PipelineConfig) -> Source:
+    """What the AI-labeled pairs are, for the cards: the feedback policy's samples on its prompts."""
+    spec = config.feedback
+    prompts = describe_data(spec.prompts)
+    note = (f"`labeled.jsonl`: pairs of `{spec.policy}`'s samples ({spec.num_responses} per prompt, temperature "
+            f"{spec.temperature}) on the prompts {prompts.note}, labeled by the judge `{config.judge}` in both orders")  # fmt: skip
+    if spec.human_labels:
+        note += "; people's labels replace the AI's where given"
+    return Source("labeled.jsonl", prompts.hub_id, prompts.license, note)
 
 
 def reward_model_stage(config: PipelineConfig) -> Stage:
@@ -465,7 +491,7 @@ def eval_stage(config: PipelineConfig, a: str, b: str) -> Stage:
         for side in dict.fromkeys([ctx.model_path(a), ctx.model_path(b)]):  # both must fit
             rows, dropped = fitting_prompts(rows, side, spec.max_new_tokens)
             too_long += dropped
-        prompts = [PromptRecord(r["id"], r["prompt"]) for r in rows[: spec.limit]]
+        prompts = [PromptRecord(r["id"], prompt_from_json(r["prompt"])) for r in rows[: spec.limit]]
         settings = EvalSettings(
             temperature=spec.temperature, max_new_tokens=spec.max_new_tokens, seed=config.seed,
             harmless_threshold=spec.harmless_threshold, bootstrap_seed=config.seed,
@@ -495,5 +521,6 @@ def report_stage(config: PipelineConfig, before: list[str]) -> Stage:
     def run(ctx: Context, resume: bool) -> dict[str, Any]:
         return {"report": str(build_report(ctx.run_dir))}
 
-    # every earlier stage: the report shows their curves and numbers
-    return Stage("report", before, {"config": config.model_dump(mode="json")}, ["report.html"], run)
+    # every earlier stage: the report shows their curves and numbers (the trackers are not in it)
+    settings = {"config": config.model_dump(mode="json", exclude={"report_to"})}
+    return Stage("report", before, settings, ["report.html"], run)

@@ -11,6 +11,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -22,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from openrlaif.data.io import disk_full_error
 from openrlaif.errors import DiskFullError
 from openrlaif.models.lora import has_lora, save_adapter_folder, save_merged_folder
-from openrlaif.training.accelerator import uses_sharded_engine
+from openrlaif.training.accelerator import uses_deepspeed, uses_fsdp
 from openrlaif.training.batching import ShardedBatches
 from openrlaif.training.errors import TrainingError
 
@@ -145,7 +146,7 @@ def save_model_folder(
     (a sharded engine gathers the weights); the main process writes. A model with LoRA adapters
     gives peft's adapter folder (checkpoints: exact), or with `merged` the adapters merged into a
     copy of its weights (a plain folder; the model keeps training with its adapters)."""
-    state_dict = accelerator.get_state_dict(model)
+    state_dict = accelerator.get_state_dict(model)  # under FSDP gathered whole, on the main process
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         with disk_full_error(directory):
@@ -183,13 +184,20 @@ def save_checkpoint(
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
             accelerator.wait_for_everyone()
-            if uses_sharded_engine(accelerator):  # DeepSpeed/FSDP: accelerate's own format (not tested here)
+            if uses_deepspeed(
+                accelerator
+            ):  # accelerate's own format (untested: DeepSpeed needs GPUs, README)
                 accelerator.save_state(str(tmp / "accelerate"))
             save_model_folder(accelerator, model, tokenizer, tmp / "model")
             for name, extra_model in (extra_models or {}).items():
                 save_model_folder(accelerator, extra_model, tokenizer, tmp / name)
-            if accelerator.is_main_process and not uses_sharded_engine(accelerator):
-                save_state_files(optimizer.state_dict(), tmp, "optimizer")
+            trained = [model, *(extra_models or {}).values()]
+            optimizer_state = (
+                None if uses_deepspeed(accelerator) else full_optimizer_state(accelerator, trained, optimizer)
+            )
+            if accelerator.is_main_process:
+                if optimizer_state is not None:
+                    save_state_files(optimizer_state, tmp, "optimizer")
                 save_state_files(scheduler.state_dict(), tmp, "scheduler")
             # every process has its own RNG streams (and so its own dropout masks)
             (tmp / f"rng.rank{accelerator.process_index}.json").write_text(
@@ -231,19 +239,23 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     loader: ShardedBatches,
+    models: Sequence[torch.nn.Module],
 ) -> int:
     """Restore optimizer, scheduler, data position and RNG states (the weights were loaded from
-    `checkpoint.model_dir` when the model was built). Returns the step to continue after."""
+    `checkpoint.model_dir` when the model was built; `models` are those the optimizer trains, as
+    prepared). Returns the step to continue after."""
     world = int(checkpoint.state.get("world_size", 1))
     if world != accelerator.num_processes:
         raise TrainingError(
             f"{checkpoint.path} was written by {world} process(es); resume it with {world} "
             f"(got {accelerator.num_processes}), or start a new output_dir"
         )
-    if uses_sharded_engine(accelerator):
+    if uses_deepspeed(accelerator):
         accelerator.load_state(str(checkpoint.path / "accelerate"))
     else:
-        optimizer.load_state_dict(load_state_files(checkpoint.path, "optimizer"))
+        load_full_optimizer_state(
+            accelerator, models, optimizer, load_state_files(checkpoint.path, "optimizer")
+        )
     scheduler.load_state_dict(load_state_files(checkpoint.path, "scheduler"))
     loader.load_state_dict(checkpoint.state["data"])
     rng_file = checkpoint.path / f"rng.rank{accelerator.process_index}.json"
@@ -251,10 +263,56 @@ def load_checkpoint(
     return checkpoint.step
 
 
+def full_optimizer_state(
+    accelerator: Accelerator, models: Sequence[torch.nn.Module], optimizer: torch.optim.Optimizer
+) -> dict[str, Any] | None:
+    """The optimizer's whole state, on the main process (None on the others). One process or DDP:
+    every process holds all of it. FSDP: each holds a shard; torch gathers them (a collective) into
+    one state keyed by parameter name, the same file a resume under FSDP reads back."""
+    if not uses_fsdp(accelerator):
+        return optimizer.state_dict() if accelerator.is_main_process else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(
+        _one_module(models), _inner(optimizer), options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )  # fmt: skip
+    return state if accelerator.is_main_process else None
+
+
+def load_full_optimizer_state(
+    accelerator: Accelerator, models: Sequence[torch.nn.Module], optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+) -> None:  # fmt: skip
+    """`full_optimizer_state` back into the optimizer; under FSDP each process keeps its shard."""
+    if not uses_fsdp(accelerator):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(
+        _one_module(models), _inner(optimizer), state, options=StateDictOptions(full_state_dict=True)
+    )  # fmt: skip
+
+
+def _one_module(models: Sequence[torch.nn.Module]) -> torch.nn.Module:
+    """The models an optimizer trains as one module (torch's helpers name parameters from one)."""
+    return models[0] if len(models) == 1 else torch.nn.ModuleList(models)
+
+
+def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's wrapper (torch's state-dict helpers want that one)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
 def weights_digest(model: torch.nn.Module) -> str:
-    """SHA-256 of every parameter and buffer, in name order: equal digests = bitwise equal weights."""
+    """SHA-256 of every parameter and buffer, in name order: equal digests = bitwise equal weights.
+    A model sharded by FSDP is gathered tensor by tensor (a collective: every process calls it)."""
+    from torch.distributed.tensor import DTensor
+
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
+        if isinstance(tensor, DTensor):
+            tensor = tensor.full_tensor()
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from openrlaif.config import (
     StrictModel,
+    Tracker,
     apply_overrides,
     format_validation_error,
     parse_set_overrides,
@@ -48,6 +49,9 @@ class LoRASettings(StrictModel):
 
 class TrainConfig(StrictModel):
     """Settings every trainer shares. Trainers subclass it (SFTConfig, RewardConfig, ...)."""
+
+    # the training method, as model cards and trackers name it (sft, reward-model, dpo, rl)
+    method: ClassVar[str] = "training"
 
     # model and data
     model: str  # HF model id or local folder; `tiny:gpt2` / `tiny:llama` = offline random test models
@@ -92,8 +96,36 @@ class TrainConfig(StrictModel):
     eval_every: int = Field(100, ge=0)  # steps between held-out evaluations; 0 = only before and after
     save_every: int = Field(100, ge=1)  # steps between checkpoints (the last step is always saved)
     keep_checkpoints: int = Field(2, ge=1)  # older checkpoints are deleted
-    tensorboard: bool = True
     record_example_ids: bool = False  # write the ids each process trained on, per step
+
+    # experiment trackers: `metrics.jsonl` is always written; each tracker named here gets the same
+    # rows, from the main process (training/trackers.py). wandb and trackio: `pip install
+    # 'openrlaif[trackers]'`. `tensorboard: false` (the older switch) takes tensorboard out of it.
+    report_to: list[Tracker] = Field(default_factory=lambda: list[Tracker](["tensorboard"]))
+    run_name: str | None = None  # the W&B / trackio run's name; default: output_dir's folder name
+    tracker_project: str = "openrlaif"  # the W&B / trackio project
+    tracker_group: str | None = None  # the W&B / trackio group (the pipeline: its run folder's name)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tensorboard_switch(cls, data: Any) -> Any:
+        """`report_to: wandb` is `[wandb]`, `none` is `[]`; `tensorboard: true|false` (the setting
+        `report_to` replaced) adds tensorboard to or takes it out of `report_to`."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        trackers = data.get("report_to", ["tensorboard"])
+        if isinstance(trackers, str):
+            trackers = [] if trackers.lower() == "none" else [trackers]
+        if trackers is None:
+            trackers = []
+        if "tensorboard" in data:
+            switch = data.pop("tensorboard")
+            if not isinstance(switch, bool):
+                raise ValueError("tensorboard: expected true or false (or list the trackers in report_to)")
+            trackers = [t for t in trackers if t != "tensorboard"] + (["tensorboard"] if switch else [])
+        data["report_to"] = list(dict.fromkeys(trackers)) if isinstance(trackers, list) else trackers
+        return data
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

@@ -52,7 +52,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -62,6 +62,7 @@ from safetensors.torch import save_file
 from openrlaif.data.chat import ChatTemplate, encode_prompt_completions, resolve_chat_template
 from openrlaif.data.examples import PreferenceExample
 from openrlaif.data.io import write_atomic
+from openrlaif.data.records import prompt_json
 from openrlaif.models.kv import accepts_logits_to_keep
 from openrlaif.models.loading import load_pretrained, load_tokenizer
 from openrlaif.models.logprobs import IGNORE_INDEX, token_logprobs
@@ -80,6 +81,8 @@ REF_FILE = "ref_logprobs.safetensors"
 
 class DPOConfig(TrainConfig):
     """DPO settings (the shared ones are documented on TrainConfig)."""
+
+    method: ClassVar[str] = "dpo"
 
     beta: float = Field(0.1, gt=0.0)  # 0.1: DPO paper / TRL default; Sharma et al. use 0.05
     ref_model: str | None = None  # the frozen reference; default: the initial policy (`model`)
@@ -394,7 +397,9 @@ def data_hash(
     ]
     digest.update(json.dumps(settings).encode())
     for part in (train_set, held_out):
-        digest.update(json.dumps([[x.id, x.prompt, x.chosen, x.rejected] for x in part]).encode())
+        digest.update(
+            json.dumps([[x.id, prompt_json(x.prompt), x.chosen, x.rejected] for x in part]).encode()
+        )
         digest.update(b"|")
     return digest.hexdigest()
 

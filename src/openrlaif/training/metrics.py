@@ -1,6 +1,7 @@
-"""What a run reports: the rich progress bar, `metrics.jsonl` and TensorBoard (`MetricsLogger`),
-samples and tokens per second (`Throughput`), the example ids each process trained on
-(`ExampleIdLog`), and the one-line summary of a metrics dict (`format_metrics`)."""
+"""What a run reports: the rich progress bar, `metrics.jsonl` and the trackers of `report_to`
+(TensorBoard, W&B, trackio; trackers.py) through `MetricsLogger`, samples and tokens per second
+(`Throughput`), the example ids each process trained on (`ExampleIdLog`), and the one-line
+summary of a metrics dict (`format_metrics`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from openrlaif.data.io import disk_full_error, write_text_atomic
 from openrlaif.training.config import TrainConfig
+from openrlaif.training.trackers import open_trackers
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -66,7 +68,8 @@ class Throughput:
 
 
 class MetricsLogger:
-    """Metrics to the console (rich progress bar), `metrics.jsonl` and TensorBoard; main process only."""
+    """Metrics to the console (rich progress bar), `metrics.jsonl` and the trackers of `report_to`;
+    main process only."""
 
     def __init__(
         self,
@@ -80,14 +83,8 @@ class MetricsLogger:
     ) -> None:
         self.active = accelerator.is_main_process
         self.path = output_dir / "metrics.jsonl"
-        self.writer = None
-        if self.active and config.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # why: slow to import, and only when asked for
-
-            # purge_step drops events of steps that are redone after a resume
-            self.writer = SummaryWriter(
-                str(output_dir / "tensorboard"), purge_step=start_step + 1 if start_step else 0
-            )
+        # TensorBoard, W&B, trackio (`report_to`), continuing their runs when resuming
+        self.trackers = open_trackers(output_dir, config, start_step, show_progress) if self.active else []
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                    TextColumn("{task.fields[info]}"))  # fmt: skip
         self.progress = Progress(*columns, disable=not (self.active and show_progress))
@@ -98,9 +95,8 @@ class MetricsLogger:
         if not self.active:
             return
         append_line(self.path, {"step": step, **metrics})
-        if self.writer is not None:
-            for key, value in metrics.items():
-                self.writer.add_scalar(key, value, step)
+        for tracker in self.trackers:
+            tracker.log(step, metrics)
 
     def advance(self, step: int, info: str) -> None:
         if self.active:
@@ -112,8 +108,9 @@ class MetricsLogger:
 
     def close(self) -> None:
         self.progress.stop()
-        if self.writer is not None:
-            self.writer.close()
+        trackers, self.trackers = self.trackers, []  # closed once, even if called again
+        for tracker in trackers:
+            tracker.close()
 
 
 def format_metrics(metrics: dict[str, float]) -> str:

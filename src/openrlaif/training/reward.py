@@ -34,7 +34,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -47,6 +47,7 @@ from openrlaif.data.chat import (
     resolve_chat_template,
 )
 from openrlaif.data.examples import PreferenceExample, parse_preference_row
+from openrlaif.data.records import Prompt
 from openrlaif.errors import ConfigError
 from openrlaif.models.heads import ValueHeadModel
 from openrlaif.models.loading import (
@@ -76,6 +77,8 @@ METADATA_FILE = "openrlaif_reward.json"  # how to load the folder: model type, m
 
 class RewardConfig(TrainConfig):
     """Reward-model settings (the shared ones are documented on TrainConfig)."""
+
+    method: ClassVar[str] = "reward-model"
 
     model_type: ModelType = "sequence_classification"
     learning_rate: float = Field(1e-5, gt=0.0)
@@ -131,7 +134,7 @@ def pair_lengths(
 
 def encode_texts(
     tokenizer: Any,
-    prompts: Sequence[str],
+    prompts: Sequence[Prompt],
     responses: Sequence[str],
     max_length: int,
     chat: bool = False,
@@ -438,7 +441,9 @@ class RewardModel:
         return cls(model, tokenizer, int(meta.get("max_length", 512)), device, chat, pad_multiple)
 
     @torch.no_grad()
-    def score(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 16) -> torch.Tensor:
+    def score(
+        self, prompts: Sequence[Prompt], responses: Sequence[str], batch_size: int = 16
+    ) -> torch.Tensor:
         """r(prompt, response) for each pair, float32 on the CPU."""
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
@@ -457,7 +462,7 @@ class RewardModel:
 
     def score_generations(
         self,
-        prompts: Sequence[str],
+        prompts: Sequence[Prompt],
         response_ids: Sequence[Sequence[int]],
         policy_tokenizer: Any,
         batch_size: int = 16,

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 import yaml
 
+from openrlaif.config import check_trackers
 from openrlaif.data.datasets import BUILTIN_DATASETS, load_pairs
 from openrlaif.data.io import read_records, write_text_atomic
 from openrlaif.data.lock import one_writer
@@ -25,10 +26,12 @@ from openrlaif.models.lora import LoRATask, add_lora, load_adapter_weights
 from openrlaif.models.names import resolve_model_path
 from openrlaif.training.accelerator import make_accelerator, set_seed
 from openrlaif.training.batching import split_held_out
+from openrlaif.training.card import write_run_card
 from openrlaif.training.checkpoint import Checkpoint, latest_checkpoint
 from openrlaif.training.config import TrainConfig
 from openrlaif.training.errors import TrainingError
 from openrlaif.training.metrics import truncate_jsonl
+from openrlaif.training.trackers import note_logged_steps
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -53,6 +56,7 @@ def prepare_run(
 ) -> tuple[Path, Checkpoint | None]:
     """Create the output dir, find the checkpoint to resume from, save the resolved config."""
     out = Path(config.output_dir)
+    check_trackers(config.report_to)  # a tracker that is not installed stops the run before it starts
     checkpoint = latest_checkpoint(out)
     if checkpoint is not None and not resume:
         raise ConfigError(
@@ -70,6 +74,7 @@ def prepare_run(
                 print(f"note: resuming with changed settings: {', '.join(changed)}")
         write_text_atomic(config_file, yaml.safe_dump(current, sort_keys=False))
         keep = checkpoint.step if checkpoint else -1
+        note_logged_steps(out, out / "metrics.jsonl")  # what W&B / trackio have: not logged twice
         truncate_jsonl(out / "metrics.jsonl", keep)
         for ids_file in out.glob("example_ids.rank*.jsonl"):
             truncate_jsonl(ids_file, keep)
@@ -80,14 +85,17 @@ def prepare_run(
 def one_writer_per_output_dir(train: Callable[..., TrainResult]) -> Callable[..., TrainResult]:
     """Decorates a trainer: its `output_dir` takes one writer, and a second run on it is refused at
     once (data/lock.py). Under a launcher the main process (RANK 0) holds the lock for the launch;
-    if it is refused it exits, and the launcher stops the other processes."""
+    if it is refused it exits, and the launcher stops the other processes. When the run is done
+    the main process writes the model folder's card (`model/README.md`, training/card.py)."""
 
     @functools.wraps(train)
     def run(config: TrainConfig, *args: Any, **kwargs: Any) -> TrainResult:
         if int(os.environ.get("RANK", "0")) != 0:
             return train(config, *args, **kwargs)
         with one_writer(config.output_dir):
-            return train(config, *args, **kwargs)
+            result = train(config, *args, **kwargs)
+            write_run_card(config, result.steps, result.metrics, result.first_metrics, result.model_dir)
+            return result
 
     return run
 

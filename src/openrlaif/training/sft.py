@@ -1,14 +1,16 @@
 """Supervised fine-tuning (SFT), top to bottom: maximise log p(completion | prompt).
 
-Data: JSONL/Parquet rows with `prompt` and `completion` (TRL's prompt-completion format; a
-`response` field is accepted in place of `completion`, so a responses file trains as it is), or
+Data: JSONL/Parquet rows with `prompt` and `completion` (TRL's prompt-completion format, text or
+conversational; a `response` field is accepted in place of `completion`, so a responses file
+trains as it is), TRL's conversational `messages` (the last, assistant, message the completion), or
 the built-in `hh-harmless` (the prompt and the reply people chose). The loss is the mean negative
 log-likelihood of the completion tokens: prompt tokens and padding are labeled -100 and carry no
 loss, and an EOS token is appended so the policy learns to stop. A held-out split is evaluated
 before training, every `eval_every` steps and at the end.
 
 Format (`chat_template`): with a tokenizer that has a chat template ("auto", the default, or "on")
-the prompt is rendered as the user turn(s) plus the generation prompt, token for token as
+the prompt is rendered as its messages (a conversational prompt's own, system message included;
+an HH dialogue's turns; else one user turn) plus the generation prompt, token for token as
 `openrlaif generate` and the RL trainer encode it for sampling (`data/chat.py`'s `encode_prompt`), and
 the completion follows as the assistant's reply; otherwise ("off", or no template) the prompt
 text, a space and the completion. Batches hold examples of similar length (`group_by_length`).
@@ -21,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
@@ -50,6 +52,8 @@ from openrlaif.training.step import finish_step, start_steps
 
 class SFTConfig(TrainConfig):
     """SFT settings (the shared ones are documented on TrainConfig)."""
+
+    method: ClassVar[str] = "sft"
 
     data: str = "hh-harmless"
     learning_rate: float = Field(2e-5, gt=0.0)

@@ -141,7 +141,9 @@ def start_steps(
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    start_step = load_checkpoint(checkpoint, accelerator, optimizer, scheduler, loader) if checkpoint else 0
+    start_step = (
+        load_checkpoint(checkpoint, accelerator, optimizer, scheduler, loader, [model]) if checkpoint else 0
+    )
     logger = MetricsLogger(accelerator, output_dir, config, total_steps, start_step, title, show_progress)
     ids_log = ExampleIdLog(output_dir, accelerator.process_index, config.record_example_ids)
     return StepParts(

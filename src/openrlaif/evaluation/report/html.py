@@ -17,7 +17,9 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+from openrlaif.data.chat import prompt_text
 from openrlaif.data.io import write_text_atomic
+from openrlaif.data.records import prompt_from_json
 from openrlaif.evaluation.report import plots
 from openrlaif.evaluation.report.headline import headline_measures
 from openrlaif.evaluation.report.load import KIND_TITLES, RunData, TrainerLog, load_run, manifest_stages
@@ -347,10 +349,12 @@ def _response(label: str, text: Any, score: Any, length: Any, winner: bool, tone
 
 
 def _dialogue(prompt: Any) -> str:
-    """An HH-style prompt (turns "Human: ..." / "Assistant: ...") with bold speakers; escaped."""
-    text = re.sub(r"\n*Assistant:\s*$", "", str(prompt or "").strip()).strip()  # the turn being answered
-    text = re.sub(r"\n\n(?=(Human|Assistant):)", "\n", _e(text))
-    return re.sub(r"(^|\n)(Human|Assistant):", r"\1<b>\2:</b>", text)
+    """An HH-style prompt (turns "Human: ..." / "Assistant: ...", a conversation's messages as
+    such turns) with bold speakers; escaped."""
+    text = prompt_text(prompt_from_json(prompt)) if isinstance(prompt, list) else str(prompt or "")
+    text = re.sub(r"\n*Assistant:\s*$", "", text.strip()).strip()  # the turn being answered
+    text = re.sub(r"\n\n(?=(System|Human|Assistant):)", "\n", _e(text))
+    return re.sub(r"(^|\n)(System|Human|Assistant):", r"\1<b>\2:</b>", text)
 
 
 def section_samples(run: RunData) -> str:

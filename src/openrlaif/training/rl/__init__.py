@@ -62,7 +62,8 @@ one line naming the step and the quantity; the last good checkpoint stays. Check
 the policy, the value model (`value/`), the optimizer, scheduler, RNG states and the prompt
 position; `--resume` continues exactly (with server rollouts, as exactly as the server samples).
 
-DeepSpeed/FSDP are untested for RL (two trained models, one optimizer).
+Several processes: DDP (every algorithm, tested) and FSDP (the policy and the value model sharded
+as one module, `updater.prepare_trained`; RLOO and REINFORCE tested); DeepSpeed untested.
 
     openrlaif train rl --config configs/train/rl-tiny.yaml [--resume] [--set algorithm=rloo]
 

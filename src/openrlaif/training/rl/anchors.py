@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from openrlaif.data.io import read_jsonl_dicts, read_responses
-from openrlaif.data.records import PromptRecord
+from openrlaif.data.records import Prompt, PromptRecord, prompt_from_json, prompt_json
 from openrlaif.errors import ConfigError
 
 REFERENCE = "reference"
@@ -27,7 +27,7 @@ class Anchors:
 
     def __init__(self, source: str, output_dir: Path, rank: int) -> None:
         self.source = source
-        self.by_prompt: dict[str, str] = {}
+        self.by_prompt: dict[Prompt, str] = {}
         self.file = output_dir / f"anchors.rank{rank}.jsonl"
         if source != REFERENCE:
             if not Path(source).is_file():
@@ -37,7 +37,7 @@ class Anchors:
             return
         for done in sorted(output_dir.glob("anchors.rank*.jsonl")):  # a resumed run's
             for row in read_jsonl_dicts(done):
-                self.by_prompt[row["prompt"]] = row["response"]
+                self.by_prompt[prompt_from_json(row["prompt"])] = row["response"]
 
     def for_prompts(
         self, prompts: Sequence[PromptRecord], greedy: Callable[[list[PromptRecord]], list[str]]
@@ -50,5 +50,7 @@ class Anchors:
             with self.file.open("a", encoding="utf-8") as out:  # flushed per step: a resume keeps them
                 for p, text in zip(missing, made, strict=True):
                     self.by_prompt[p.prompt] = text
-                    out.write(json.dumps({"id": p.id, "prompt": p.prompt, "response": text}) + "\n")
+                    out.write(
+                        json.dumps({"id": p.id, "prompt": prompt_json(p.prompt), "response": text}) + "\n"
+                    )
         return [self.by_prompt[p.prompt] for p in prompts]

@@ -51,6 +51,7 @@ class RLBaseConfig(TrainConfig):
     model's starting point; `data` holds the prompts; `batch_size` is prompts per process per
     step, each sampled `num_samples` times."""
 
+    method: ClassVar[str] = "rl"
     algorithm: str  # each algorithm's config narrows it to its name
     # how many samples per prompt the algorithm needs (it compares each sample with the others: 2)
     min_samples: ClassVar[int] = 1

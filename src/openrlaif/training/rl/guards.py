@@ -19,9 +19,10 @@ from collections.abc import Callable, Sequence
 import torch
 
 from openrlaif.data.chat import to_messages
+from openrlaif.data.records import Prompt
 
 # name -> the canary response to a prompt
-CANARIES: dict[str, Callable[[str], str]] = {
+CANARIES: dict[str, Callable[[Prompt], str]] = {
     "empty": lambda prompt: "",
     "echo": lambda prompt: to_messages(prompt)[-1]["content"],  # the user's last turn repeated
     "format_token": lambda prompt: "Thought process:",  # the "master key" opener of arXiv 2507.08794
@@ -45,7 +46,7 @@ def length_adjusted(scores: torch.Tensor, lengths: torch.Tensor, penalty: float,
     return scores
 
 
-def canary_texts(prompts: Sequence[str]) -> dict[str, list[str]]:
+def canary_texts(prompts: Sequence[Prompt]) -> dict[str, list[str]]:
     """Each canary's response to each prompt."""
     return {name: [make(p) for p in prompts] for name, make in CANARIES.items()}
 
@@ -57,8 +58,8 @@ def canaries_above(canary_means: dict[str, float], sample_rewards: Sequence[floa
 
 
 def canary_means(
-    score_alone: Callable[[list[str], list[str], list[list[str]], list[str] | None], list[float]],
-    prompts: list[str], groups: list[list[str]], anchors: list[str] | None,
+    score_alone: Callable[[list[Prompt], list[str], list[list[str]], list[str] | None], list[float]],
+    prompts: list[Prompt], groups: list[list[str]], anchors: list[str] | None,
 ) -> dict[str, float]:  # fmt: skip
     """Each canary's mean reward over `prompts` (one per group of samples), scored as the policy's
     samples are (`Rewarder.score_alone`), every canary in one call (one batch for the judge)."""

@@ -56,7 +56,7 @@ from openrlaif.training.rl.rollout import (
     score_rollout,
     sync_policy,
 )
-from openrlaif.training.rl.updater import Updater, make_rl_optimizer
+from openrlaif.training.rl.updater import Updater, make_rl_optimizer, prepare_trained
 from openrlaif.training.run import (
     TrainResult,
     apply_lora,
@@ -130,7 +130,7 @@ def train_rl(
     if config.lora is None or config.ref_model:
         reference = load_pretrained(AutoModelForCausalLM, ref_path, config.revision, config.trust_remote_code)
         reference.to(device).eval().requires_grad_(False)
-    value_model = None
+    value_model: torch.nn.Module | None = None
     if config.uses_value_model:
         value_source = str(checkpoint.path / "value") if checkpoint else sft_path
         value_model = TokenValueModel.from_pretrained(value_source, config.revision, config.trust_remote_code)
@@ -158,12 +158,11 @@ def train_rl(
                              accelerator.num_processes)  # fmt: skip
     optimizer = make_rl_optimizer(policy, value_model, config)
     scheduler = make_scheduler(optimizer, config, total_steps)
-    if value_model is not None:
-        policy, value_model, optimizer = accelerator.prepare(policy, value_model, optimizer)
-    else:
-        policy, optimizer = accelerator.prepare(policy, optimizer)
-    start_step = load_checkpoint(checkpoint, accelerator, optimizer, scheduler, loader) if checkpoint else 0
+    policy, value_model, optimizer = prepare_trained(accelerator, policy, value_model, optimizer)
     trained = [policy] + ([value_model] if value_model is not None else [])
+    start_step = (
+        load_checkpoint(checkpoint, accelerator, optimizer, scheduler, loader, trained) if checkpoint else 0
+    )
     for m in trained:  # dropout off: the update's log-probs must be those the samples were drawn from
         m.eval()
     checkpointing = config.gradient_checkpointing and all(has_checkpointable_layers(m) for m in trained)

@@ -10,14 +10,14 @@ from typing import Any
 
 import torch
 
-from openrlaif.data.records import Pair
+from openrlaif.data.records import Pair, Prompt
 from openrlaif.judges import JudgmentCache, build_judge, load_judge_config
 from openrlaif.judges.base import Comparison
 from openrlaif.training.reward import RewardModel
 from openrlaif.training.rl.config import RLBaseConfig
 
 # (prompts, texts, ids, anchors or None) -> rewards (and the pairwise comparisons behind them)
-RewardFn = Callable[[list[str], list[str], list[list[int]], list[str] | None], "PairwiseRewards"]
+RewardFn = Callable[[list[Prompt], list[str], list[list[int]], list[str] | None], "PairwiseRewards"]
 
 
 def shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
@@ -58,7 +58,7 @@ class PairwiseRewards:
 
 
 def pairwise_rewards(
-    judge: Any, prompts: Sequence[str], texts: Sequence[str], k: int, comparisons: str = "all_pairs",
+    judge: Any, prompts: Sequence[Prompt], texts: Sequence[str], k: int, comparisons: str = "all_pairs",
     rounds: int = 1, anchors: Sequence[str] | None = None,
 ) -> PairwiseRewards:  # fmt: skip
     """Group rewards from a pairwise judge (samples prompt-major, k per prompt). `anchor`: each
@@ -86,7 +86,7 @@ def pairwise_rewards(
     return PairwiseRewards([w / max(m, 1) for w, m in zip(wins, met, strict=True)], got)
 
 
-def pairwise_win_rates(judge: Any, prompts: Sequence[str], texts: Sequence[str], k: int) -> list[float]:
+def pairwise_win_rates(judge: Any, prompts: Sequence[Prompt], texts: Sequence[str], k: int) -> list[float]:
     """Each sample's mean P(win) against the other k-1 samples of its prompt (prompt-major)."""
     return pairwise_rewards(judge, prompts, texts, k).scores
 
@@ -103,7 +103,7 @@ class Rewarder:
     # (prompts, one response each, each prompt's K samples, anchors or None) -> the responses'
     # rewards on the samples' scale (the canaries of guards.py): a score, or with judge_pairwise
     # the mean P(win) against the K samples (anchor: against the anchor)
-    score_alone: Callable[[list[str], list[str], list[list[str]], list[str] | None], list[float]]
+    score_alone: Callable[[list[Prompt], list[str], list[list[str]], list[str] | None], list[float]]
 
 
 def make_rewarder(config: RLBaseConfig, tokenizer: Any, device: torch.device, judge: Any = None) -> Rewarder:
@@ -137,7 +137,7 @@ def make_rewarder(config: RLBaseConfig, tokenizer: Any, device: torch.device, ju
     def judge_prefers(pairs: list[Pair]) -> list[float]:
         return [c.p_a for c in judge.compare_many([(p.prompt, p.response_a, p.response_b) for p in pairs])]
 
-    def judge_scores(prompts: list[str], texts: list[str], *_: Any) -> list[float]:
+    def judge_scores(prompts: list[Prompt], texts: list[str], *_: Any) -> list[float]:
         return [s.score for s in judge.score_many(list(zip(prompts, texts, strict=True)))]
 
     if source.type == "judge_score":
@@ -148,7 +148,7 @@ def make_rewarder(config: RLBaseConfig, tokenizer: Any, device: torch.device, ju
         )
 
     def against_samples(
-        prompts: list[str], texts: list[str], groups: list[list[str]], anchors: list[str] | None
+        prompts: list[Prompt], texts: list[str], groups: list[list[str]], anchors: list[str] | None
     ) -> list[float]:
         if anchors is not None:  # anchor mode: as a sample is rewarded, P(it beats the anchor)
             return pairwise_rewards(judge, prompts, texts, 1, "anchor", anchors=anchors).scores

@@ -27,6 +27,7 @@ from openrlaif.inference.server import RolloutSampler, sample_from_server
 from openrlaif.models.kv import accepts_logits_to_keep, cache_argument, output_cache
 from openrlaif.models.logprobs import IGNORE_INDEX, token_logprobs
 from openrlaif.models.lora import adapters_disabled
+from openrlaif.training.accelerator import uses_fsdp
 from openrlaif.training.checkpoint import save_model_folder
 from openrlaif.training.errors import check_finite
 from openrlaif.training.rl.config import RLBaseConfig
@@ -58,7 +59,7 @@ def sample_responses(
             unwrapped, tokenizer, [p.prompt for p in prompts], n=k, temperature=config.temperature,
             max_new_tokens=config.max_new_tokens, top_p=config.top_p, seed=seed,
             batch_size=config.generation_batch_size, chat_template=config.chat_template,
-            keys=[p.id for p in prompts],
+            keys=[p.id for p in prompts], synced=uses_fsdp(accelerator),
         )  # fmt: skip
 
 
@@ -74,6 +75,7 @@ def greedy_reference_answers(
         got = sample(
             model, tokenizer, [p.prompt for p in prompts], n=1, temperature=0.0, max_new_tokens=config.max_new_tokens,
             batch_size=config.generation_batch_size, chat_template=config.chat_template, keys=[p.id for p in prompts],
+            synced=reference is None and uses_fsdp(accelerator),  # the sharded policy itself
         )  # fmt: skip
     return [s.response_text for s in got]
 
@@ -313,15 +315,19 @@ def score_rollout(
     k, mask = config.num_samples, seqs.mask
     micro = prompt_groups(mask.shape[0] // k, k, config.grad_accum_steps)
     fused = config.one_update_per_rollout and len(micro) == 1
+    # a sharded policy's forwards are collectives: every process runs the same ones (no shortcut
+    # that depends on its rows)
+    sharded = uses_fsdp(accelerator)
     with torch.no_grad(), accelerator.autocast():
         ref_model = reference if reference is not None else accelerator.unwrap_model(policy)
         with adapters_disabled(policy) if reference is None else contextlib.nullcontext():
+            share_ref = reference is not None or not sharded
             ref_logp = torch.cat(
-                [response_logprobs(ref_model, seqs.rows(rows), share_prompts=True)[0] for rows in micro]
+                [response_logprobs(ref_model, seqs.rows(rows), share_prompts=share_ref)[0] for rows in micro]
             )
         if not fused:
             old_logp = torch.cat(
-                [response_logprobs(policy, seqs.rows(rows), share_prompts=True)[0] for rows in micro]
+                [response_logprobs(policy, seqs.rows(rows), share_prompts=not sharded)[0] for rows in micro]
             )
             old_values = (
                 torch.cat([response_values(value_model, seqs.rows(rows)) for rows in micro]) * mask

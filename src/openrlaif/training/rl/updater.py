@@ -1,5 +1,6 @@
-"""RL's optimizer and its step: one AdamW over the policy and the value model, and `Updater.step`,
-one optimizer step over micro-batches whose losses are shares of the batch's."""
+"""RL's optimizer and its step: one AdamW over the policy and the value model, the two handed to
+accelerate (`prepare_trained`), and `Updater.step`, one optimizer step over micro-batches whose
+losses are shares of the batch's."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 import torch
 
+from openrlaif.training.accelerator import uses_fsdp
 from openrlaif.training.optim import adamw
 from openrlaif.training.rl.config import RLBaseConfig, ValueModelConfig
 from openrlaif.training.rl.rollout import Rows, checkpointed_layers
@@ -27,6 +29,44 @@ def make_rl_optimizer(
         assert isinstance(config, ValueModelConfig)
         models.append((value_model, config.value_learning_rate or config.learning_rate))
     return adamw(config, models)
+
+
+class TrainedTogether(torch.nn.Module):
+    """The policy and the value model as one module, for FSDP: accelerate shards one model per
+    optimizer. Each of the two is its own FSDP unit (as are their transformer blocks), so calling
+    either directly gathers its own weights; this module itself is never called."""
+
+    def __init__(self, policy: torch.nn.Module, value_model: torch.nn.Module) -> None:
+        super().__init__()
+        self.policy, self.value_model = policy, value_model
+        blocks = {name for m in (policy, value_model) for name in _no_split_modules(m)}
+        # accelerate's TRANSFORMER_BASED_WRAP wraps every module whose class is named here
+        self._no_split_modules = sorted(blocks | {type(policy).__name__, type(value_model).__name__})
+
+
+def _no_split_modules(model: torch.nn.Module) -> list[str]:
+    found = getattr(model, "_no_split_modules", None) or getattr(
+        getattr(model, "body", None), "_no_split_modules", None
+    )
+    return list(found or [])
+
+
+def prepare_trained(
+    accelerator: Any,
+    policy: torch.nn.Module,
+    value_model: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+) -> tuple[torch.nn.Module, torch.nn.Module | None, torch.optim.Optimizer]:
+    """The policy, the value model (if any) and their optimizer prepared by accelerate (DDP wraps
+    each model; FSDP shards the two as one `TrainedTogether`)."""
+    if value_model is None:
+        policy, optimizer = accelerator.prepare(policy, optimizer)
+        return policy, None, optimizer
+    if uses_fsdp(accelerator):
+        both, optimizer = accelerator.prepare(TrainedTogether(policy, value_model), optimizer)
+        return both.policy, both.value_model, optimizer
+    policy, value_model, optimizer = accelerator.prepare(policy, value_model, optimizer)
+    return policy, value_model, optimizer
 
 
 @dataclass
