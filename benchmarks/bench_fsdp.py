@@ -4,9 +4,10 @@ Both launch the same trainer through `accelerate launch --config_file configs/ac
 on the same random Llama-architecture model (built once: `--hidden`, `--layers`), the same data
 (hh-harmless), batches, steps and sequence length, one thread per process; the two alternate over
 `--rounds`. Step time is the wall time of an optimizer step (from the trainer's own
-`train/samples_per_s`), averaged over the steps after the first. Memory per process: the peak
-resident set (includes loading the whole model before it is sharded) and the resident set after
-training (what the training state holds).
+`train/samples_per_s`), averaged over the steps after the first. Memory per process: the
+parameters it holds after training (FSDP: its shard; AdamW's two moments take twice that again),
+the peak resident set (includes loading the whole model before it is sharded) and the resident
+set after training (the allocator keeps freed memory, so this overstates what FSDP holds).
 
     .venv/bin/python benchmarks/bench_fsdp.py [--hidden 1024] [--layers 8] [--steps 6] [--rounds 2]
 
@@ -35,9 +36,11 @@ torch.set_num_threads(1)
 from openrlaif.training import TRAINERS
 name, settings = sys.argv[1], json.loads(sys.argv[2])
 config_class, train = TRAINERS[name]
-train(config_class(**settings), show_progress=False)
+result = train(config_class(**settings), show_progress=False)
+local = [getattr(p, "_local_tensor", p) for p in result.model.parameters()]  # FSDP: this process's shard
 record = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
-          "end_rss_mib": psutil.Process().memory_info().rss // 2**20}
+          "end_rss_mib": psutil.Process().memory_info().rss // 2**20,
+          "param_mib": sum(t.numel() * t.element_size() for t in local) / 2**20}
 rank = os.environ.get("RANK", "0")
 with open(os.path.join(settings["output_dir"], f"memory.rank{rank}.json"), "w") as fh:
     json.dump(record, fh)
@@ -78,6 +81,7 @@ def run(mode: str, trainer: str, model: Path, args: argparse.Namespace, out: Pat
         "step_s": statistics.mean(seconds),
         "peak_rss_mib": max(m["peak_rss_mib"] for m in memory),
         "end_rss_mib": max(m["end_rss_mib"] for m in memory),
+        "param_mib": max(m["param_mib"] for m in memory),
     }
 
 
@@ -115,8 +119,9 @@ def main() -> None:
                     out = Path(tmp) / f"{trainer}-{mode}-{round_}"
                     got = run(mode, trainer, model, args, out)
                     results.setdefault((trainer, mode), []).append(got)
-                    print(f"round {round_ + 1} {trainer:4s} {mode:5s}: step {got['step_s']:.3f} s, peak RSS "
-                          f"{got['peak_rss_mib']} MiB, after training {got['end_rss_mib']} MiB per process")  # fmt: skip
+                    print(f"round {round_ + 1} {trainer:4s} {mode:5s}: step {got['step_s']:.3f} s, parameters "
+                          f"{got['param_mib']:.0f} MiB, peak RSS {got['peak_rss_mib']} MiB, after training "
+                          f"{got['end_rss_mib']} MiB per process")  # fmt: skip
         print()
         for trainer in args.trainers.split(","):
             ddp, fsdp = (
@@ -124,7 +129,9 @@ def main() -> None:
                 for mode in ("ddp", "fsdp2")
             )  # fmt: skip
             print(f"{trainer}: step time FSDP/DDP {fsdp['step_s'] / ddp['step_s']:.2f}x "
-                  f"({fsdp['step_s']:.3f} / {ddp['step_s']:.3f} s); peak RSS per process FSDP/DDP "
+                  f"({fsdp['step_s']:.3f} / {ddp['step_s']:.3f} s); parameters per process FSDP/DDP "
+                  f"{fsdp['param_mib'] / ddp['param_mib']:.2f}x ({fsdp['param_mib']:.0f} / {ddp['param_mib']:.0f} MiB); "
+                  f"peak RSS "
                   f"{fsdp['peak_rss_mib'] / ddp['peak_rss_mib']:.2f}x ({fsdp['peak_rss_mib']:.0f} / "
                   f"{ddp['peak_rss_mib']:.0f} MiB); after training {fsdp['end_rss_mib'] / ddp['end_rss_mib']:.2f}x "
                   f"({fsdp['end_rss_mib']:.0f} / {ddp['end_rss_mib']:.0f} MiB)")  # fmt: skip

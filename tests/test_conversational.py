@@ -265,6 +265,29 @@ def test_label_and_align_keep_the_format(
     assert json.loads(align.read_text())["pairs"] == 6
     assert read_rows(labels)[0]["prompt"] == rows[0]["prompt"]
 
+    # people label a conversational file in a spreadsheet: the cells show the dialogue as text,
+    # and the filled-in file goes back in (the texts checked against the labeled file's messages)
+    import csv
+
+    from openrlaif.evaluation.human import export_uncertain, import_labels
+
+    export_uncertain(out, tmp_path / "to_label.csv", n=6)
+    with open(tmp_path / "to_label.csv", encoding="utf-8-sig", newline="") as fh:
+        cells = list(csv.DictReader(fh))
+    conversational = next(c for c in cells if c["id"] != "text")
+    assert conversational["prompt"].startswith("\n\nSystem: You answer in one short sentence.\n\nHuman: Hi!")
+    assert conversational["response_a"] == labeled[conversational["id"]]["response_a"][0]["content"]
+    for cell in cells:
+        cell["human_label"] = "A"
+    with open(tmp_path / "filled.csv", "w", encoding="utf-8", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(cells[0]))
+        writer.writeheader()
+        writer.writerows(cells)
+    result = import_labels(out, tmp_path / "filled.csv", tmp_path / "human.jsonl")
+    assert result.human == 6
+    merged = {r["id"]: r for r in read_rows(tmp_path / "human.jsonl")}
+    assert merged[conversational["id"]]["prompt"] == labeled[conversational["id"]]["prompt"]  # still messages
+
 
 def test_train_sft_rm_dpo_on_conversational_files(tiny_llama: Path, tmp_path: Path) -> None:
     sft_data = write_rows(tmp_path / "sft.jsonl", [
@@ -312,3 +335,33 @@ def test_generate_and_eval_on_conversational_prompts(tiny_llama: Path, tmp_path:
     samples = {r["id"]: r for r in read_rows(tmp_path / "eval" / "samples.jsonl")}
     assert samples["dog"]["prompt"] == conversation("dog")
     assert read_rows(tmp_path / "eval" / "prompts.jsonl")[0] == {"id": "cow", "prompt": conversation("cow")}
+
+
+def test_rl_samples_judges_and_keeps_anchors_of_conversational_prompts(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """GRPO against an anchor on conversational prompts: the policy samples from the chat
+    template's rendering, the judge reads the conversation as text (`prompt_text`), the anchors
+    file keeps the conversation, and the canaries (the echo of the user's last turn) run."""
+    from openrlaif.training import RLConfig, train_rl
+
+    prompts = write_rows(tmp_path / "prompts.jsonl", [{"id": a, "prompt": conversation(a)} for a in ANIMALS])
+    judge = ScriptedJudge(keyword="o")
+    config = RLConfig(
+        model=str(tiny_llama), data=str(prompts), output_dir=str(tmp_path / "rl"), algorithm="grpo",
+        reward={"type": "judge_pairwise", "judge": "unused", "comparisons": "anchor"}, num_samples=2,
+        batch_size=2, max_new_tokens=4, max_steps=2, save_every=2, report_to=[], mixed_precision="no",
+        canary_every=1,
+    )  # fmt: skip
+    result = train_rl(config, show_progress=False, judge=judge)
+    assert result.steps == 2
+    judged = {call.prompt for call in judge.order_calls}
+    assert judged <= {prompt_text(tuple(Message(**m) for m in conversation(a))) for a in ANIMALS}
+    assert judged and all(p.startswith("\n\nSystem: You answer") for p in judged)
+    anchors = read_rows(next((tmp_path / "rl").glob("anchors.rank*.jsonl")))
+    assert {row["id"] for row in anchors} == set(ANIMALS) and all(
+        row["prompt"] == conversation(row["id"]) for row in anchors
+    )
+    rows = [json.loads(x) for x in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/reward_mean" in r] == [1, 2]
+    assert all("canary/echo" in r for r in rows if "train/reward_mean" in r)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from training_toys import preference_rows, sft_rows, write
+from training_toys import preference_rows, sft_rows, untrained_reward_model, write
 
 from openrlaif.training.checkpoint import weights_digest
 
@@ -122,21 +122,14 @@ def test_rl_reinforce_on_two_processes_shards_prompts_and_keeps_policy_and_value
 ) -> None:
     """REINFORCE with its value model, rewarded by a (random, untrained) reward model: two models
     under DDP on one optimizer; each process samples its own prompts with its own seeds."""
-    import torch
     from transformers import AutoModelForCausalLM
 
-    from openrlaif.models.heads import TokenValueModel, ValueHeadModel
-    from openrlaif.models.loading import load_tokenizer
-    from openrlaif.training.reward import METADATA_FILE
+    from openrlaif.models.heads import TokenValueModel
 
     prompts = write(
         tmp_path / "prompts.jsonl", [{"id": r["id"], "prompt": r["prompt"]} for r in sft_rows(32)]
     )
-    rm_dir = tmp_path / "rm"  # a reward source a YAML file can name (a Python judge cannot cross processes)
-    torch.manual_seed(0)
-    ValueHeadModel.from_pretrained(str(tiny_gpt2)).save_pretrained(rm_dir)
-    load_tokenizer(str(tiny_gpt2)).save_pretrained(rm_dir)
-    (rm_dir / METADATA_FILE).write_text(json.dumps({"model_type": "causal_lm_value_head", "max_length": 64}))
+    rm_dir = untrained_reward_model(tiny_gpt2, tmp_path / "rm")
     out = tmp_path / "rl"
     settings = dict(
         model=str(tiny_gpt2), data=str(prompts), output_dir=str(out), algorithm="reinforce",
@@ -181,23 +174,14 @@ def test_lora_sft_dpo_and_rl_on_two_processes_keep_identical_adapters(
     """LoRA under DDP: only the adapters are in the gradient all-reduce (the frozen base is not a
     DDP parameter); both processes end with the same adapters and write adapter-only checkpoints
     and a merged export."""
-    import torch
     from transformers import AutoModelForCausalLM
-
-    from openrlaif.models.heads import ValueHeadModel
-    from openrlaif.models.loading import load_tokenizer
-    from openrlaif.training.reward import METADATA_FILE
 
     sft_data = write(tmp_path / "sft.jsonl", sft_rows(64))
     pref_data = write(tmp_path / "pairs.jsonl", preference_rows(64))
     prompts = write(
         tmp_path / "prompts.jsonl", [{"id": r["id"], "prompt": r["prompt"]} for r in sft_rows(32)]
     )
-    rm_dir = tmp_path / "rm"
-    torch.manual_seed(0)
-    ValueHeadModel.from_pretrained(str(tiny_gpt2)).save_pretrained(rm_dir)
-    load_tokenizer(str(tiny_gpt2)).save_pretrained(rm_dir)
-    (rm_dir / METADATA_FILE).write_text(json.dumps({"model_type": "causal_lm_value_head", "max_length": 64}))
+    rm_dir = untrained_reward_model(tiny_gpt2, tmp_path / "rm")
     common = dict(model=str(tiny_gpt2), max_steps=3, learning_rate=1e-2, save_every=2, tensorboard=False,
                   mixed_precision="no", lora={"r": 4, "alpha": 8}, record_example_ids=True)  # fmt: skip
     runs = {
@@ -249,21 +233,14 @@ def test_rloo_ppo_online_dpo_and_grpo_on_two_processes_keep_identical_weights(
     """Every other RL algorithm under DDP, as REINFORCE above: each process samples its own
     prompts, and both end with bitwise identical policies (and PPO's value models) that are the
     saved ones. GRPO runs two iterations x two minibatches per rollout (several updates per step)."""
-    import torch
     from transformers import AutoModelForCausalLM
 
-    from openrlaif.models.heads import TokenValueModel, ValueHeadModel
-    from openrlaif.models.loading import load_tokenizer
-    from openrlaif.training.reward import METADATA_FILE
+    from openrlaif.models.heads import TokenValueModel
 
     prompts = write(
         tmp_path / "prompts.jsonl", [{"id": r["id"], "prompt": r["prompt"]} for r in sft_rows(32)]
     )
-    rm_dir = tmp_path / "rm"
-    torch.manual_seed(0)
-    ValueHeadModel.from_pretrained(str(tiny_gpt2)).save_pretrained(rm_dir)
-    load_tokenizer(str(tiny_gpt2)).save_pretrained(rm_dir)
-    (rm_dir / METADATA_FILE).write_text(json.dumps({"model_type": "causal_lm_value_head", "max_length": 64}))
+    rm_dir = untrained_reward_model(tiny_gpt2, tmp_path / "rm")
     common = dict(model=str(tiny_gpt2), data=str(prompts), reward={"type": "reward_model", "path": str(rm_dir)},
                   num_samples=2, batch_size=2, max_new_tokens=3, learning_rate=1e-2, max_steps=2, save_every=2,
                   mixed_precision="no", record_example_ids=True, tensorboard=False)  # fmt: skip

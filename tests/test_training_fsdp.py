@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from training_toys import preference_rows, sft_rows, write
+from training_toys import preference_rows, sft_rows, untrained_reward_model, write
 
 from openrlaif.training.checkpoint import weights_digest
 
@@ -80,22 +80,15 @@ def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> f
 
 
 def test_fsdp_trainers_match_one_process_and_resume_exactly(tiny_llama: Path, tmp_path: Path) -> None:
-    from openrlaif.models.heads import ValueHeadModel
-    from openrlaif.models.loading import load_tokenizer
     from openrlaif.training import TRAINERS
     from openrlaif.training.config import load_train_config
-    from openrlaif.training.reward import METADATA_FILE
 
     sft_data = write(tmp_path / "sft.jsonl", sft_rows(48))
     pref_data = write(tmp_path / "pairs.jsonl", preference_rows(48))
     prompts = write(
         tmp_path / "prompts.jsonl", [{"id": r["id"], "prompt": r["prompt"]} for r in sft_rows(16)]
     )
-    rm_dir = tmp_path / "reward-model"  # RL's reward: an untrained (random-headed) reward model
-    torch.manual_seed(0)
-    ValueHeadModel.from_pretrained(str(tiny_llama)).save_pretrained(rm_dir)
-    load_tokenizer(str(tiny_llama)).save_pretrained(rm_dir)
-    (rm_dir / METADATA_FILE).write_text(json.dumps({"model_type": "causal_lm_value_head", "max_length": 64}))
+    rm_dir = untrained_reward_model(tiny_llama, tmp_path / "reward-model")  # RL's reward
 
     common: dict[str, Any] = dict(model=str(tiny_llama), max_steps=4, learning_rate=1e-3, save_every=2,
                                   tensorboard=False, mixed_precision="no", batch_size=4)  # fmt: skip

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 from scripted_judge import ScriptedJudge
-from training_toys import WORDS, sft_rows
+from training_toys import WORDS, sft_rows, untrained_reward_model
 
 from openrlaif.errors import ConfigError, JudgeError
 from openrlaif.judges.base import OrderedPair, OrderJudgment, ScoreJudgment
@@ -470,15 +470,9 @@ def test_rollouts_through_a_text_only_server_are_re_tokenised(
 def test_reward_model_source_scores_with_its_own_tokenizer(
     tiny_gpt2: Path, tiny_llama: Path, prompts: Path, tmp_path: Path
 ) -> None:
-    from openrlaif.models.heads import ValueHeadModel
-    from openrlaif.models.loading import load_tokenizer
-    from openrlaif.training.reward import METADATA_FILE, RewardModel
+    from openrlaif.training.reward import RewardModel
 
-    rm_dir = tmp_path / "rm"  # an untrained value-head reward model on the Llama tokenizer
-    torch.manual_seed(0)
-    ValueHeadModel.from_pretrained(str(tiny_llama)).save_pretrained(rm_dir)
-    load_tokenizer(str(tiny_llama)).save_pretrained(rm_dir)
-    (rm_dir / METADATA_FILE).write_text(json.dumps({"model_type": "causal_lm_value_head", "max_length": 64}))
+    rm_dir = untrained_reward_model(tiny_llama, tmp_path / "rm")  # on the Llama tokenizer
     out = tmp_path / "rl-rm"
     config = rl_config(tiny_gpt2, prompts, out, max_steps=2, batch_size=2,
                        reward={"type": "reward_model", "path": str(rm_dir)})  # fmt: skip

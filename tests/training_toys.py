@@ -58,3 +58,22 @@ def preference_rows(n: int, seed: int = 1) -> list[dict[str, Any]]:
 def write(path: Path, rows: list[dict[str, Any]]) -> Path:
     write_records(path, rows)
     return path
+
+
+def untrained_reward_model(base: Path, out: Path) -> Path:
+    """A reward-model folder as `openrlaif train rm` writes one: `base`'s body with a fresh value
+    head (seeded), its tokenizer and metadata. A reward source a YAML config can name (a Python
+    judge cannot cross into launched processes)."""
+    import json
+
+    import torch
+
+    from openrlaif.models.heads import ValueHeadModel
+    from openrlaif.models.loading import load_tokenizer
+    from openrlaif.training.reward import METADATA_FILE
+
+    torch.manual_seed(0)
+    ValueHeadModel.from_pretrained(str(base)).save_pretrained(out)
+    load_tokenizer(str(base)).save_pretrained(out)
+    (out / METADATA_FILE).write_text(json.dumps({"model_type": "causal_lm_value_head", "max_length": 64}))
+    return out

@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from openrlaif.data.chat import prompt_text
 from openrlaif.data.io import RowError, check_labeled_row, iter_rows, write_atomic, write_records
+from openrlaif.data.records import prompt_from_json, response_from_json
 from openrlaif.errors import ConfigError, InputError
 
 INSTRUCTIONS = (
@@ -121,8 +123,10 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
             writer = csv.DictWriter(fh, fieldnames=EXPORT_COLUMNS)
             writer.writeheader()
             writer.writerows(
-                {**r, "ai_orders_disagree": "yes" if r["ai_orders_disagree"] else "no"} for r in rows
-            )
+                {**r, **{f: _cell_text(f, r[f]) for f in TEXT_FIELDS},
+                 "ai_orders_disagree": "yes" if r["ai_orders_disagree"] else "no"}
+                for r in rows
+            )  # fmt: skip
 
     write_atomic(path, write)
 
@@ -172,9 +176,24 @@ def parse_human_label(value: Any) -> float | None:
     return number
 
 
-def _same_text(a: Any, b: str) -> bool:
-    """Spreadsheets may turn line ends into CRLF and trim cells; anything more is an edit."""
-    return isinstance(a, str) and a.replace("\r\n", "\n").strip() == b.replace("\r\n", "\n").strip()
+TEXT_FIELDS = ("prompt", "response_a", "response_b")
+
+
+def _cell_text(field: str, value: Any) -> str:
+    """A field as a spreadsheet cell shows it: a conversation as its HH-style dialogue text
+    (`prompt_text`), a conversational response (one assistant message) as its content."""
+    if isinstance(value, str):
+        return value
+    return prompt_text(prompt_from_json(value)) if field == "prompt" else response_from_json(value)
+
+
+def _same_text(field: str, a: Any, b: Any) -> bool:
+    """Whether a filled-in file's `field` is still the exported one: the same messages, or the
+    same text. Spreadsheets may turn line ends into CRLF and trim cells; anything more is an edit."""
+    if isinstance(a, list):
+        return a == b
+    text = _cell_text(field, b)
+    return isinstance(a, str) and a.replace("\r\n", "\n").strip() == text.replace("\r\n", "\n").strip()
 
 
 @dataclass
@@ -212,8 +231,10 @@ def read_filled(
                 raise InputError(str(path), line, f"id {key!r} is not in {labeled_path}")
             if "human_label" not in row:
                 raise InputError(str(path), line, "missing field 'human_label'")
-            for text_field in ("prompt", "response_a", "response_b"):
-                if text_field in row and not _same_text(row[text_field], labeled[key][text_field]):
+            for text_field in TEXT_FIELDS:
+                if text_field in row and not _same_text(
+                    text_field, row[text_field], labeled[key][text_field]
+                ):
                     raise InputError(
                         str(path), line, f"{text_field} differs from the pair in {labeled_path}; "
                         "the texts must stay as exported (the label belongs to them)",
