@@ -18,6 +18,14 @@ vLLM, SGLang and OpenAI return:
                              return_tokens_as_token_ids (log-prob tokens read "token_id:N")
 - POST /v1/chat/completions  messages (the tokenizer's chat template when it has one), logprobs,
                              top_logprobs=N
+- POST /tokenize              vLLM's: {"model", "prompt"} -> {"tokens": ids} (`tokenize` False: 404,
+                             a server without one)
+- logit_bias {"id": bias} on both endpoints: added to the logits the greedy/sampled token is drawn
+                             from. The returned log-probs are the model's own (`logprobs_mode`
+                             "raw", as llama.cpp's server and vLLM's default) or the biased ones
+                             ("processed", vLLM --logprobs-mode processed_logprobs);
+                             `ignore_logit_bias` drops it (a server without it).
+- `one_at_a_time`: requests queue and are served one by one (llama-cpp-python's server does).
 - POST /update_weights_from_disk  SGLang's weight reload: {"model_path": DIR} loads the weights of
                              the Hugging Face folder DIR into the served model (same architecture);
                              answers {"success", "message", "num_paused_requests"}. `reloads`
@@ -41,6 +49,7 @@ Manual use: python tests/openai_server.py --model DIR --port 8000
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import threading
@@ -114,8 +123,9 @@ class LocalLM:
 
     @torch.no_grad()
     def generate(
-        self, input_ids: list[int], max_tokens: int, temperature: float, seed: int | None, top_n: int
-    ) -> Generation:
+        self, input_ids: list[int], max_tokens: int, temperature: float, seed: int | None, top_n: int,
+        bias: dict[int, float] | None = None, processed_logprobs: bool = False,
+    ) -> Generation:  # fmt: skip
         with self.lock:
             generator = torch.Generator().manual_seed(seed if seed is not None else 0)
             ids = torch.tensor([input_ids])
@@ -128,8 +138,11 @@ class LocalLM:
                     **({cache_argument(self.model): past} if past is not None else {}),
                 )
                 past = output_cache(step)
-                logits = step.logits[0, -1].float()
-                logprobs = torch.log_softmax(logits, dim=-1)
+                raw = step.logits[0, -1].float()
+                logits = raw.clone()
+                for token_id, value in (bias or {}).items():
+                    logits[token_id] += value
+                logprobs = torch.log_softmax(logits if processed_logprobs else raw, dim=-1)
                 if temperature == 0:
                     token = int(torch.argmax(logits))
                 else:
@@ -181,6 +194,11 @@ class OpenAITestServer:
         self.reloads: list[tuple[str, str]] = []  # (model_path, weights digest after the reload)
         self.in_flight = 0
         self.max_in_flight = 0
+        self.logprobs_mode = "raw"  # or "processed": the returned log-probs carry the logit_bias
+        self.ignore_logit_bias = False
+        self.tokenize = True  # serve /tokenize
+        self.one_at_a_time = False  # queue requests and serve one at a time, as llama-cpp-python's server
+        self._serial = threading.Lock()
         self._state = threading.Lock()
         self._count = 0
         self._httpd = ThreadingHTTPServer((host, port), _Handler)
@@ -234,6 +252,8 @@ class OpenAITestServer:
             self.delay_s = 0.0
             self.requests.clear()
             self.in_flight = self.max_in_flight = 0
+            self.logprobs_mode, self.ignore_logit_bias, self.tokenize = "raw", False, True
+            self.one_at_a_time = False
 
     def posts(self) -> list[RecordedRequest]:
         with self._state:
@@ -373,7 +393,24 @@ class OpenAITestServer:
             raise _BadRequest(400, "max_tokens must be a positive integer")
         if not isinstance(temperature, (int, float)) or temperature < 0:
             raise _BadRequest(400, "temperature must be >= 0")
-        return self.lm.generate(input_ids, max_tokens, float(temperature), seed, top_n)
+        bias = None
+        if body.get("logit_bias") and not self.ignore_logit_bias:
+            try:
+                bias = {int(k): max(-100.0, min(100.0, float(v))) for k, v in body["logit_bias"].items()}
+            except (AttributeError, TypeError, ValueError):
+                raise _BadRequest(400, "logit_bias must map token ids to numbers") from None
+            if any(not 0 <= i < self.lm.vocab_size for i in bias):
+                raise _BadRequest(400, "logit_bias: token id out of the vocabulary")
+        return self.lm.generate(input_ids, max_tokens, float(temperature), seed, top_n, bias,
+                                self.logprobs_mode == "processed")  # fmt: skip
+
+    def tokenize_text(self, body: dict[str, Any]) -> dict[str, Any]:
+        """vLLM's /tokenize: the prompt's ids as `completions` encodes it."""
+        self._check_model(body)
+        if not isinstance(body.get("prompt"), str):
+            raise _BadRequest(400, "prompt must be a string")
+        tokens = self.lm.encode_prompt(body["prompt"])
+        return {"count": len(tokens), "max_model_len": 2048, "tokens": tokens}
 
     def _top_dict(self, top: list[tuple[int, float]]) -> dict[str, float]:
         # The completions format maps text -> logprob; distinct ids with the same text are merged
@@ -444,7 +481,8 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             body = None
         fault = self.owner._record(RecordedRequest("POST", self.path, self._headers(), body, self.owner.url))
-        with self.owner._in_flight():
+        serial = self.owner._serial if self.owner.one_at_a_time else contextlib.nullcontext()
+        with self.owner._in_flight(), serial:
             if self.owner.delay_s:
                 time.sleep(self.owner.delay_s)
             if fault is not None and self._apply_fault(fault):
@@ -491,6 +529,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._json(200, _with_logprobs(self.owner.chat(body), logprob))
             elif route == "/update_weights_from_disk":
                 self._json(200, self.owner.update_weights_from_disk(body))
+            elif route == "/tokenize" and self.owner.tokenize:
+                self._json(200, self.owner.tokenize_text(body))
             else:
                 self._error(404, f"no route {self.path}")
         except _BadRequest as e:

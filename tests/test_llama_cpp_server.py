@@ -58,15 +58,26 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield process.base_url
 
 
-def test_openai_judge_through_llama_cpp_agrees_with_the_hf_judge(server: str) -> None:
+@pytest.mark.parametrize("top_logprobs", [20, 2])
+def test_openai_judge_through_llama_cpp_agrees_with_the_hf_judge(server: str, top_logprobs: int) -> None:
+    """top_logprobs 20, and 2, where most labels are outside it: the judge then asks for each
+    missing label's tokens with a logit_bias (their ids from llama-cpp-python's /extras/tokenize),
+    and llama.cpp returns the model's own log-probs, so the soft labels agree just as well."""
+    from openrlaif.judges.openai_compat import OpenAIJudge
+
     pairs = load_pairs("hh-harmless", limit=4).records
     items = [OrderedPair(p.prompt[-600:], a, b) for p in pairs for a, b in ((p.response_a, p.response_b),
                                                                             (p.response_b, p.response_a))]  # fmt: skip
     # llama-cpp-python's server runs one completion at a time: one request in flight, a long timeout.
-    remote = build_judge(OpenAIJudgeConfig(model=ALIAS, base_urls=[server], api_key_env=None, concurrency=1,
-                                           timeout_s=300, top_logprobs=20))  # fmt: skip
+    remote = OpenAIJudge(OpenAIJudgeConfig(model=ALIAS, base_urls=[server], api_key_env=None, concurrency=1,
+                                           timeout_s=300, top_logprobs=top_logprobs))  # fmt: skip
     local = build_judge(HFJudgeConfig(model=GEMMA, batch_size=8))
-    p_remote = [j.p_first for j in remote.judge_orders(items)]
+    try:
+        p_remote = [j.p_first for j in remote.judge_orders(items)]
+        if top_logprobs == 2:  # the labels were outside the top 2
+            assert remote.stats()["biased_reads"] >= len(items) // 2
+    finally:
+        remote.close()
     p_local = [j.p_first for j in local.judge_orders(items)]
     gaps = [abs(a - b) for a, b in zip(p_remote, p_local, strict=True)]
     assert max(gaps) < 0.15 and sum(gaps) / len(gaps) < 0.05, gaps

@@ -348,8 +348,85 @@ def test_labels_missing_from_top_tokens() -> None:
     both = [(" 1", math.log(0.3)), ("▁1", math.log(0.1)), ("1", math.log(0.1)), ("2", math.log(0.25))]
     assert label_logprobs(both, ("1", "2"))["1"] == pytest.approx(math.log(0.5))
     assert soft_label(both, ("1", "2"), "m") == pytest.approx(0.5 / 0.75)
-    with pytest.raises(JudgeError, match=r"'m'.*raise top_logprobs or fix the template"):
+    with pytest.raises(JudgeError, match=r"'m'.*set `tokenizer` to the served model's, raise top_logprobs"):
         soft_label([("x", -1.0)], ("1", "2"), "m")
+
+
+@pytest.mark.parametrize("mode", ["raw", "processed"])
+@pytest.mark.parametrize("ids_from", ["tokenize", "tokenizer"])
+def test_labels_outside_the_top_tokens_are_read_exactly_with_logit_bias(
+    mode, ids_from, server, make_judge, gpt2_direct, tiny_gpt2
+) -> None:
+    """top_logprobs 2: the labels are rarely among them. Each missing label's tokens are asked for
+    with a logit_bias; the soft labels are the model's own (all of its tokens' probabilities), as
+    with every token returned. The server returns the model's log-probs ("raw": llama.cpp, vLLM's
+    default) or the biased ones ("processed"); the ids come from /tokenize or the `tokenizer`."""
+    server.logprobs_mode = mode
+    settings: dict[str, Any] = {"top_logprobs": 2}
+    if ids_from == "tokenizer":
+        server.tokenize = False
+        settings["tokenizer"] = str(tiny_gpt2)
+    judge = make_judge(server, **settings)
+    got = [j.p_first for j in judge.judge_orders(PAIRS)]
+    want = [gpt2_direct.p_first(pair_prompt(p)) for p in PAIRS]
+    assert got == pytest.approx(want, abs=1e-4)
+    assert judge.stats()["biased_reads"] > 0  # the labels really were outside the top 2
+    biased = [
+        r.body["logit_bias"] for r in server.posts() if r.path == "/v1/completions" and "logit_bias" in r.body
+    ]
+    assert biased and all(set(b.values()) == {100} for b in biased)
+    if mode == "processed":  # recognised: both labels' tokens in one request, the same bias
+        assert any(len(b) > 2 for b in biased)
+    tokenize_calls = [r for r in server.posts() if r.path == "/tokenize"]
+    assert bool(tokenize_calls) == (ids_from == "tokenize")
+    # one search for the ids, shared by the judgments running at once: each text tokenized once
+    assert len(tokenize_calls) == len({json.dumps(r.body) for r in tokenize_calls})
+
+
+def test_a_server_that_ignores_logit_bias_is_one_line_and_unknown_ids_fall_back(
+    server, make_judge, gpt2_direct
+) -> None:
+    server.ignore_logit_bias = True
+    judge = make_judge(server, top_logprobs=2)
+    with pytest.raises(JudgeError, match=r"the server still did not answer with it: it ignores logit_bias"):
+        judge.judge_orders(PAIRS)
+    # no tokenize endpoint and no `tokenizer`: the labels' ids are unknown; with one label among
+    # the top tokens the other is bounded by the last of them (as before), with none it is an error
+    server.reset()
+    server.tokenize = False
+    judge = make_judge(server, top_logprobs=2)
+    with pytest.raises(
+        JudgeError, match=r"their token ids are unknown \(the server has no tokenize endpoint\)"
+    ):
+        judge.judge_orders(PAIRS)
+    assert not any("logit_bias" in (r.body or {}) for r in server.posts())
+    judge = make_judge(server, top_logprobs=2, label_bias="off")  # off: never asks for the ids
+    server.reset()
+    server.tokenize = True
+    with pytest.raises(JudgeError):
+        judge.judge_orders(PAIRS)
+    assert not [r for r in server.posts() if r.path == "/tokenize"]
+
+
+def test_a_server_that_serves_one_request_at_a_time_is_noticed_and_advice_given(
+    server, make_judge, capsys
+) -> None:
+    """Requests queue on the server: with concurrency 4 those behind the first time out while it is
+    answered. The judge says once what to set, and the error says it again when retries run out."""
+    server.one_at_a_time, server.delay_s = True, 0.4
+    judge = make_judge(server, concurrency=4, timeout_s=0.6, max_retries=0)
+    with pytest.raises(JudgeError) as error:
+        judge.judge_orders(PAIRS)
+    assert "answered other requests meanwhile: it seems to serve one request at a time" in str(error.value)
+    assert "Set concurrency: 1 per such server" in str(error.value)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "seems to serve one request at a time" in warnings[0]
+    # concurrency 1, as advised: every request answered
+    server.reset()
+    server.one_at_a_time, server.delay_s = True, 0.05
+    judge = make_judge(server, concurrency=1, timeout_s=5.0, max_retries=0)
+    assert len(judge.judge_orders(PAIRS)) == len(PAIRS)
+    assert "warning:" not in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- fleet

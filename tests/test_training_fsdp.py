@@ -25,6 +25,10 @@ from training_toys import preference_rows, sft_rows, untrained_reward_model, wri
 
 from openrlaif.training.checkpoint import weights_digest
 
+# one thread here as in the launched processes: float sums in another order would move the
+# one-process weights by more than the tolerance below after a few AdamW steps
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 FSDP_CONFIG = ROOT / "configs" / "accelerate" / "fsdp2.yaml"
 WORKER = Path(__file__).with_name("ddp_worker.py")

@@ -177,6 +177,12 @@ class OpenAIJudgeConfig(DecodingConfig):
     # OpenAI allows up to 20 (5 on the legacy completions endpoint); vLLM up to --max-logprobs
     # (default 20); a value the server refuses comes back as a one-line HTTP 400 error.
     top_logprobs: int = Field(20, ge=1)
+    # A label missing from the top_logprobs is read with a logit_bias on its tokens (+100: the
+    # server then answers with it and returns its log-prob; judges/openai_compat.py). The tokens'
+    # ids come from `tokenizer` (the served model's: an HF id or folder, `packaged:`, `gguf:`), else
+    # from the server's tokenize endpoint (vLLM, llama.cpp). "off": a missing label is an error.
+    label_bias: Literal["auto", "off"] = "auto"
+    tokenizer: str | None = None
     concurrency: int = Field(16, ge=1)
     timeout_s: float = Field(60.0, gt=0)
     max_retries: int = Field(5, ge=0)

@@ -24,6 +24,7 @@ import asyncio
 import email.utils
 import os
 import random
+import sys
 import threading
 import time
 import weakref
@@ -76,6 +77,7 @@ class ServerStats:
     in_flight: int = 0
     consecutive_failures: int = 0
     avoid_until: float = 0.0  # monotonic time; a failing server is tried last until then
+    answered: int = 0  # attempts that got a usable reply
 
 
 # ---------------------------------------------------------------- reading failed replies
@@ -166,6 +168,7 @@ class OpenAIClient:
         self._client: httpx.AsyncClient | None = None
         self._slots: asyncio.Semaphore | None = None
         self._finalizer: weakref.finalize | None = None
+        self.queueing_noticed = False  # a server that serves one request at a time (`_one_at_a_time`)
 
     def stats(self) -> dict[str, Any]:
         """Requests, retries and failures in total and per base URL."""
@@ -190,6 +193,22 @@ class OpenAIClient:
             self._loop = self._thread = None
             self._client = None
             self._slots = None
+
+    def _one_at_a_time(self, server: ServerStats) -> str:
+        """A request timed out while others to the same server were answered: the server is up
+        and answers, but queues requests (llama-cpp-python's server runs one completion at a
+        time). Said once per client, on stderr, and added to the error if the retries run out."""
+        advice = (
+            f"; {server.url} answered other requests meanwhile: it seems to serve one request at a time "
+            f"and queue the rest, so with concurrency {self.config.concurrency} a request waits for those "
+            "ahead of it. Set concurrency: 1 per such server (or raise timeout_s above concurrency x one "
+            "request's time); README: tested servers and their settings"
+        )
+        if not self.queueing_noticed:
+            self.queueing_noticed = True
+            print(self._redact(f"warning: {self.name} {self.config.model!r}: a request timed out" + advice),
+                  file=sys.stderr, flush=True)  # fmt: skip
+        return advice
 
     # ------------------------------------------------------------ messages
 
@@ -260,6 +279,7 @@ class OpenAIClient:
                 server.requests += 1
                 server.retries += int(attempt > 0)
                 server.in_flight += 1
+                answered_before = server.answered
                 try:
                     response = await asyncio.wait_for(
                         client.post(url, json=body, headers=self._headers()), timeout
@@ -272,6 +292,7 @@ class OpenAIClient:
                             raise UnusableReply(f"unusable reply ({why})") from None
                         server.consecutive_failures = 0
                         server.avoid_until = 0.0
+                        server.answered += 1
                         return value
                     if response.status_code != 429 and response.status_code < 500:
                         server.failures += 1  # counted, but not held against the server's health
@@ -283,6 +304,8 @@ class OpenAIClient:
                     retry_after = _retry_after(response.headers)
                 except (asyncio.TimeoutError, httpx.TimeoutException):
                     failure = f"no reply within timeout_s={timeout:g}"
+                    if server.answered > answered_before:  # others were answered meanwhile
+                        failure += self._one_at_a_time(server)
                 except httpx.RequestError as e:
                     failure = self.clean(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
                 except UnusableReply as e:

@@ -10,6 +10,16 @@ returns the top log-probabilities of the next token and the judge reads the labe
   to [-1, 1];
 - chain of thought: a rationale is generated first (greedy, or `self_consistency` samples at
   `temperature` with seeds `seed + i`), then the labels are read after it; samples are averaged.
+- a label missing from the returned top tokens (a base model's next token is rarely a label, and
+  OpenAI caps top_logprobs at 20) is asked for again, once per token that spells it, with a
+  `logit_bias` of +100 on that token: the greedy answer is then that token, and the server returns
+  its log-prob; the label's is their sum. Servers differ in which log-prob that is
+  (`biased_label_logprob`): the model's own (llama.cpp's server, vLLM's default raw log-probs) is
+  used as it is; one with the bias applied (vLLM `--logprobs-mode processed_logprobs`) is
+  recognised (the token comes back with probability ~1) and both labels' tokens are then asked for
+  in one request with the same bias, which leaves their ratio as it was. A server that ignores
+  logit_bias (the answer is not the label) is an error naming it. The tokens' ids come from the
+  `tokenizer` setting or the server's tokenize endpoint.
 
 The transport is the judge's `inference.http.OpenAIClient` (concurrency, retries with backoff,
 the fleet of `base_urls`, the API key read from `api_key_env` at request time and masked in every
@@ -19,6 +29,7 @@ above 0 is unusable (retried like a 5xx, never a label), and a 400 hints at top_
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -79,10 +90,34 @@ def soft_label(top: TopTokens, labels: tuple[str, str], model: str) -> float:
     if not found:
         raise JudgeError(
             f"openai judge {model!r}: neither label {labels[0]!r} nor {labels[1]!r} is among the {len(top)} "
-            "most likely next tokens; raise top_logprobs or fix the template so the model answers with a label"
+            "most likely next tokens, and their token ids are unknown (the server has no tokenize endpoint): set "
+            "`tokenizer` to the served model's, raise top_logprobs, or fix the template so the model answers "
+            "with a label"
         )
     floor = min(lp for _, lp in top)
     return two_way_softmax(found.get(labels[0], floor), found.get(labels[1], floor))
+
+
+def biased_label_logprob(replies: Sequence[TopTokens], label: str) -> float | None:
+    """log P(label) from one reply per token that spells it, each asked for with a logit_bias on
+    that token alone (so the reply's answer is that token, with its log-prob): the log of their
+    summed probabilities. None when a reply carries the bias in its log-probs (the token comes
+    back with probability ~1, though the plain reply left the label out): the caller then biases
+    both labels in one request (an equal bias keeps their ratio). JudgeError when the answer is
+    not the label: the server ignores logit_bias."""
+    logprobs = []
+    for top in replies:
+        got = label_logprobs(top, [label])
+        if label not in got:
+            raise JudgeError(
+                f"openai judge: with logit_bias on a token of label {label!r} the server still did not answer "
+                "with it: it ignores logit_bias (or `tokenizer` is not the served model's); raise top_logprobs "
+                "to where the labels are, or fix the template so the model answers with a label"
+            )
+        if got[label] > BIASED_LOGPROB:
+            return None
+        logprobs.append(got[label])
+    return _logsumexp(logprobs)
 
 
 def _best_variant(top: TopTokens, label: str) -> str:
@@ -97,6 +132,11 @@ def _best_variant(top: TopTokens, label: str) -> str:
 # hair above 0, and the top tokens' probabilities may sum a hair above 1.
 LOGPROB_SLACK = 1e-4
 PROBABILITY_SLACK = 1e-3
+
+BIAS = 100  # the largest logit bias OpenAI and vLLM accept
+# A label the plain reply left out (so at most as likely as its last token), back with a log-prob
+# above this under logit_bias: the server applied the bias to the log-probs it returns.
+BIASED_LOGPROB = -0.01
 
 
 def usable_top(top: TopTokens) -> TopTokens:
@@ -168,10 +208,14 @@ class OpenAIJudge(Judge):
             error_type=JudgeError,
             bad_request_hint=" (check top_logprobs against the server's limit, e.g. vLLM --max-logprobs)",
         )
+        self._ids: dict[tuple[tuple[str, ...], str], dict[str, list[int]] | None] = {}  # `_label_ids`
+        self._finding: dict[tuple[tuple[str, ...], str], asyncio.Future[dict[str, list[int]] | None]] = {}
+        self.biased_reads = 0  # judgments that read a label outside the top tokens with logit_bias
 
     def stats(self) -> dict[str, Any]:
-        """Requests, retries and failures in total and per base URL."""
-        return self.client.stats()
+        """Requests, retries and failures in total and per base URL; judgments that read a label
+        with logit_bias."""
+        return self.client.stats() | {"biased_reads": self.biased_reads}
 
     def close(self) -> None:
         """Close the HTTP connections and stop the event-loop thread (restarted if used again)."""
@@ -214,9 +258,7 @@ class OpenAIJudge(Judge):
         t = self.templates.pairwise
         if not self.config.cot:
             prompt = render_pairwise(t, item.prompt, item.first, item.second)
-            return OrderJudgment(
-                p_first=soft_label(await self._next_token(prompt), t.labels, self.model_name)
-            )
+            return OrderJudgment(p_first=await self._soft_label(prompt))
 
         n = self.config.self_consistency
 
@@ -230,12 +272,92 @@ class OpenAIJudge(Judge):
             )
             # Step 2: the labels, read after the rationale and the usual ending.
             prompt = render_pairwise(t, item.prompt, item.first, item.second, rationale)
-            return rationale.strip(), soft_label(await self._next_token(prompt), t.labels, self.model_name)
+            return rationale.strip(), await self._soft_label(prompt)
 
         samples = await self.client.gather([sample(i) for i in range(n)])
         return OrderJudgment(
             p_first=sum(p for _, p in samples) / n, rationales=[rationale for rationale, _ in samples]
         )
+
+    async def _soft_label(self, prompt: str) -> float:
+        """P(first label) after `prompt`: from the top tokens; a label missing from them is read
+        with a logit_bias on each of its tokens in turn (module docstring)."""
+        t = self.templates.pairwise
+        top = await self._next_token(prompt)
+        found = label_logprobs(top, t.labels)
+        missing = [label for label in t.labels if label not in found]
+        ids = await self._label_ids(t.labels, t.ending) if missing else None
+        if ids is None:  # nothing missing, or the labels' token ids are unknown: the top tokens' bound
+            return soft_label(top, t.labels, self.model_name)
+        self.biased_reads += 1
+        for label in missing:
+            replies = await self.client.gather([self._next_token(prompt, {i: BIAS}) for i in ids[label]])
+            logprob = biased_label_logprob(replies, label)
+            if logprob is None:  # the server's log-probs carry the bias: both labels at once, the same bias
+                bias = {i: BIAS for label in t.labels for i in ids[label]}
+                both = await self._next_token(prompt, bias, top=max(self.config.top_logprobs, len(bias)))
+                return soft_label(both, t.labels, self.model_name)
+            found[label] = logprob
+        return two_way_softmax(found[t.labels[0]], found[t.labels[1]])
+
+    async def _label_ids(self, labels: Sequence[str], ending: str) -> dict[str, list[int]] | None:
+        """The ids of every token that spells each label after `ending` (made once): from the
+        `tokenizer` setting, else the server's tokenize endpoint; None with `label_bias: off` or
+        when neither is there."""
+        if self.config.label_bias == "off":
+            return None
+        key = (tuple(labels), ending)
+        if key not in self._ids:
+            if key not in self._finding:  # the judgments running at once wait for one search
+                self._finding[key] = asyncio.ensure_future(self._find_label_ids(labels, ending))
+            try:
+                self._ids[key] = await self._finding[key]
+            finally:
+                self._finding.pop(key, None)
+        return self._ids[key]
+
+    async def _find_label_ids(self, labels: Sequence[str], ending: str) -> dict[str, list[int]] | None:
+        if self.config.tokenizer is None:
+            return await self._server_label_ids(labels, ending)
+        from openrlaif.judges.tokens import label_token_ids  # why: imports torch
+        from openrlaif.models.loading import load_tokenizer  # why: transformers is slow to import
+
+        tokenizer = load_tokenizer(self.config.tokenizer)
+        return {label: label_token_ids(tokenizer, label, ending) for label in labels}
+
+    async def _server_label_ids(self, labels: Sequence[str], ending: str) -> dict[str, list[int]] | None:
+        """Label token ids through the server's tokenize endpoint: the last token of `before +
+        label` and of `before + " " + label` (a space may merge with the digit) where the text
+        before it encodes as `before` does, after the ending and after a newline (mid-text)."""
+        befores = [ending, "\n"]
+        texts = [*befores, *(b + space + label for b in befores for space in ("", " ") for label in labels)]
+        encoded = await self._tokenize(list(dict.fromkeys(texts)))
+        if encoded is None:
+            return None
+        ids = {label: sorted({encoded[b + space + label][-1] for b in befores for space in ("", " ")
+                              if encoded[b + space + label][:-1] == encoded[b]}) for label in labels}  # fmt: skip
+        return ids if all(ids.values()) else None
+
+    async def _tokenize(self, texts: Sequence[str]) -> dict[str, list[int]] | None:
+        """Token ids of each text from the first fleet member's tokenize endpoint: vLLM's and
+        llama.cpp's `/tokenize`, llama-cpp-python's `/extras/tokenize` (both beside `/v1`). None
+        when it has neither."""
+        root = self.config.base_urls[0].rstrip("/").removesuffix("/v1")
+        for path, key in (("/tokenize", "prompt"), ("/extras/tokenize", "input")):
+            out: dict[str, list[int]] = {}
+            for text in texts:
+                body = {"model": self.model_name, key: text} | ({"content": text} if key == "prompt" else {})
+                try:
+                    response = await self.client.post_once(root + path, body, self.config.timeout_s)
+                    tokens = response.json()["tokens"] if response.status_code == 200 else None
+                except (OSError, TimeoutError, ValueError, KeyError, TypeError):
+                    tokens = None
+                if not isinstance(tokens, list) or not all(isinstance(i, int) for i in tokens):
+                    break
+                out[text] = tokens
+            else:
+                return out
+        return None
 
     async def _score(self, context: str, response: str) -> ScoreJudgment:
         t = self.templates.score
@@ -273,9 +395,14 @@ class OpenAIJudge(Judge):
 
     # ------------------------------------------------------------ request bodies
 
-    async def _next_token(self, prompt: str) -> TopTokens:
-        """The top log-probabilities of the first token the model would write after `prompt`."""
-        k = self.config.top_logprobs
+    async def _next_token(
+        self, prompt: str, bias: dict[int, int] | None = None, top: int | None = None
+    ) -> TopTokens:
+        """The top log-probabilities (`top`, default top_logprobs) of the first token the model
+        would write after `prompt` (and the token it writes, when the server lists it apart), with
+        `bias` as the logit_bias."""
+        k = top or self.config.top_logprobs
+        extra = {"logit_bias": {str(i): b for i, b in bias.items()}} if bias else {}
         if self.config.endpoint == "completions":
             body = {
                 "model": self.model_name,
@@ -283,6 +410,7 @@ class OpenAIJudge(Judge):
                 "max_tokens": 1,
                 "temperature": 0,
                 "logprobs": k,
+                **extra,
             }
             return await self.client.post("/completions", body, _completion_top)
         body = {
@@ -292,6 +420,7 @@ class OpenAIJudge(Judge):
             "temperature": 0,
             "logprobs": True,
             "top_logprobs": k,
+            **extra,
         }
         return await self.client.post("/chat/completions", body, _chat_top)
 
