@@ -80,15 +80,16 @@ def _fsdp_plugin(accelerator: Accelerator) -> None:
     if not wanted or accelerator.distributed_type not in (DistributedType.MULTI_CPU, DistributedType.FSDP):
         return
     plugin = FullyShardedDataParallelPlugin()  # the config's fsdp_* settings, from the launcher's environment
-    if accelerator.device.type == "cpu" and plugin.fsdp_version != 2:
-        raise ConfigError(
-            "FSDP on CPU processes needs fsdp_version: 2 in the accelerate config (FSDP1 needs GPUs)"
-        )
     if accelerator.mixed_precision != "no":
         plugin.set_mixed_precision(accelerator.mixed_precision)
-    # accelerate copies PartialState's fields into AcceleratorState whenever one is made: set both
-    PartialState().distributed_type = DistributedType.FSDP
-    accelerator.state.distributed_type = DistributedType.FSDP
+    if accelerator.distributed_type == DistributedType.MULTI_CPU:  # what accelerate made of FSDP on CPU
+        if plugin.fsdp_version != 2:
+            raise ConfigError(
+                "FSDP on CPU processes needs fsdp_version: 2 in the accelerate config (FSDP1 needs GPUs)"
+            )
+        # accelerate copies PartialState's fields into AcceleratorState whenever one is made: set both
+        PartialState().distributed_type = DistributedType.FSDP
+        accelerator.state.distributed_type = DistributedType.FSDP
     accelerator.state.fsdp_plugin = plugin
 
 
