@@ -34,6 +34,8 @@ import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+import httpx
+
 from openrlaif.config import DecodingConfig, OpenAIJudgeConfig, answer_fields
 from openrlaif.errors import JudgeError
 from openrlaif.inference.http import OpenAIClient, UnusableReply
@@ -350,7 +352,7 @@ class OpenAIJudge(Judge):
                 try:
                     response = await self.client.post_once(root + path, body, self.config.timeout_s)
                     tokens = response.json()["tokens"] if response.status_code == 200 else None
-                except (OSError, TimeoutError, ValueError, KeyError, TypeError):
+                except (httpx.HTTPError, asyncio.TimeoutError, OSError, ValueError, KeyError, TypeError):
                     tokens = None
                 if not isinstance(tokens, list) or not all(isinstance(i, int) for i in tokens):
                     break
