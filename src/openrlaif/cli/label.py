@@ -102,11 +102,9 @@ def _judge_file(
 
 
 def cmd_label(args: argparse.Namespace) -> int:
-    if args.shard is None:
-        code = _judge_file(args, args.pairs, read_pairs, label_pairs, "labeled")
-    else:
-        shard = parse_shard(args.shard)  # a bad value is refused before anything is read
-        code = _judge_file(args, args.pairs, read_pairs, label_pairs, f"labeled shard {shard}", shard=shard)
+    shard = None if args.shard is None else parse_shard(args.shard)  # refused before anything is read
+    what = "labeled" if shard is None else f"labeled shard {shard}"
+    code = _judge_file(args, args.pairs, read_pairs, label_pairs, what, shard=shard)
     card = write_dataset_card(args.out, describe_data(args.pairs), args.judge)  # the Hub's dataset card
     print(f"dataset card -> {card}")
     return code

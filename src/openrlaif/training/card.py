@@ -6,7 +6,6 @@ point calls it when the run is done (`run.one_writer_per_output_dir`), on the ma
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from openrlaif.cards import (
     read_model_card,
     write_model_card,
 )
+from openrlaif.data.io import iter_rows
 from openrlaif.training.config import TrainConfig
 
 # the settings a card's table shows, per method (the rest are under "every setting of the run")
@@ -56,12 +56,8 @@ def first_metrics_logged(output_dir: Path) -> dict[str, float]:
     path = output_dir / "metrics.jsonl"
     found: dict[str, float] = {}
     if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if row.get("step") == 0:
+        for _, row in iter_rows(path):  # a torn line (a killed run) comes as an InputError: skipped
+            if isinstance(row, dict) and row.get("step") == 0:
                 found |= {k: v for k, v in row.items() if k.startswith("eval/")}
     return found
 

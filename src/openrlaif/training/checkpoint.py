@@ -184,9 +184,7 @@ def save_checkpoint(
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
             accelerator.wait_for_everyone()
-            if uses_deepspeed(
-                accelerator
-            ):  # accelerate's own format (untested: DeepSpeed needs GPUs, README)
+            if uses_deepspeed(accelerator):  # accelerate's own format (untested: it needs GPUs, README)
                 accelerator.save_state(str(tmp / "accelerate"))
             save_model_folder(accelerator, model, tokenizer, tmp / "model")
             for name, extra_model in (extra_models or {}).items():

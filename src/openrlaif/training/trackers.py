@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from openrlaif.config import check_trackers
-from openrlaif.data.io import write_text_atomic
+from openrlaif.data.io import iter_rows, write_text_atomic
 from openrlaif.errors import ConfigError
 from openrlaif.training.config import TrainConfig
 
@@ -63,9 +63,10 @@ def note_logged_steps(output_dir: Path, metrics_file: Path) -> None:
     if not state or not metrics_file.exists():
         return
     last = int(state.get("logged_up_to", -1))
-    for line in metrics_file.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(json.JSONDecodeError, TypeError, ValueError):
-            last = max(last, int(json.loads(line).get("step", -1)))
+    for _, row in iter_rows(metrics_file):  # a torn line (a killed run) comes as an InputError: skipped
+        if isinstance(row, dict):
+            with contextlib.suppress(TypeError, ValueError):
+                last = max(last, int(row.get("step", -1)))
     write_state(output_dir, state | {"logged_up_to": last})
 
 
