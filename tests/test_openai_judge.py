@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ from openrlaif.config import OpenAIJudgeConfig
 from openrlaif.errors import JudgeError
 from openrlaif.judges.base import OrderedPair, expected_score_to_unit
 from openrlaif.judges.cache import JudgmentCache
-from openrlaif.judges.openai_compat import OpenAIJudge, label_logprobs, soft_label
+from openrlaif.judges.openai_compat import OpenAIJudge, bounded_soft_label, label_logprobs
 from openrlaif.judges.prompts import load_template_set, render_pairwise
 
 TEMPLATES = load_template_set("harmless")
@@ -188,13 +189,14 @@ def test_chat_endpoint_with_chat_template(llama_lm, make_judge, llama_direct) ->
         sent = sorted(json.dumps(r.body["messages"]) for r in server.posts())  # arrival order varies
         assert sent == sorted(json.dumps([{"role": "user", "content": pair_prompt(p)}]) for p in PAIRS)
         assert body["logprobs"] is True and body["top_logprobs"] == 1024 and body["max_tokens"] == 1
-        # Chat reads "10" only when it is one token: no second request is made.
+        # Chat reads "10" only when it is one token: no second completion is asked for ("10" has no
+        # single token: the tokenize endpoint, asked once, says so, and no logit_bias is sent).
         server.reset()
         (score,) = judge.score_responses([("Hi", "Hello! How can I help?")])
         expected, unit = llama_direct.score(score_prompt("Hi", "Hello! How can I help?"), chat=True)
         assert score.expected == pytest.approx(expected, abs=1e-4)
         assert score.score == pytest.approx(unit, abs=1e-4)
-        assert len(server.posts()) == 1
+        assert len([r for r in server.posts() if r.path == "/v1/chat/completions"]) == 1
 
 
 def test_compare_averages_both_orders(server, make_judge, gpt2_direct) -> None:
@@ -222,7 +224,7 @@ def test_direct_score_splits_ten(arch, request, make_judge) -> None:
             assert score.expected == pytest.approx(expected, abs=1e-4)
             assert score.score == pytest.approx(unit, abs=1e-4)
             assert -1.0 <= score.score <= 1.0
-        prompts = [r.body["prompt"] for r in server.posts()]
+        prompts = [r.body["prompt"] for r in server.posts() if r.path == "/v1/completions"]
         assert len(prompts) == 4  # one read of the score token, one of P("0" | "1"), per item
         assert sum(p.endswith("SCORE: ") for p in prompts) == 2
 
@@ -344,12 +346,11 @@ def test_exhausted_retries_name_the_url(server, make_judge) -> None:
 def test_labels_missing_from_top_tokens() -> None:
     top = [("Ġ1", math.log(0.5)), ("x", math.log(0.2)), ("y", math.log(0.1))]
     # "2" is not returned: bounded by the smallest returned probability (0.1).
-    assert soft_label(top, ("1", "2"), "m") == pytest.approx(0.5 / 0.6)
+    found = label_logprobs(top, ("1", "2"))
+    assert bounded_soft_label(found, top, ("1", "2")) == pytest.approx(0.5 / 0.6)
     both = [(" 1", math.log(0.3)), ("▁1", math.log(0.1)), ("1", math.log(0.1)), ("2", math.log(0.25))]
     assert label_logprobs(both, ("1", "2"))["1"] == pytest.approx(math.log(0.5))
-    assert soft_label(both, ("1", "2"), "m") == pytest.approx(0.5 / 0.75)
-    with pytest.raises(JudgeError, match=r"'m'.*set `tokenizer` to the served model's, raise top_logprobs"):
-        soft_label([("x", -1.0)], ("1", "2"), "m")
+    assert bounded_soft_label(label_logprobs(both, ("1", "2")), both, ("1", "2")) == pytest.approx(0.5 / 0.75)
 
 
 @pytest.mark.parametrize("mode", ["raw", "processed"])
@@ -383,29 +384,80 @@ def test_labels_outside_the_top_tokens_are_read_exactly_with_logit_bias(
     assert len(tokenize_calls) == len({json.dumps(r.body) for r in tokenize_calls})
 
 
-def test_a_server_that_ignores_logit_bias_is_one_line_and_unknown_ids_fall_back(
-    server, make_judge, gpt2_direct
+def test_labels_that_cannot_be_read_are_undecided_never_cached_and_widened_when_asked(
+    server, make_judge, gpt2_direct, tmp_path
 ) -> None:
+    """A server that ignores logit_bias, or labels whose ids are unknown: a judgment with neither
+    label among the top tokens is undecided (NaN, the reason, counted, not cached; compare_many
+    refuses it in one line); one label among them bounds the other by the last token (as before);
+    fallback_top_logprobs asks again for more tokens, here the whole vocabulary: exact."""
+    from openrlaif.judges.cache import JudgmentCache
+
     server.ignore_logit_bias = True
     judge = make_judge(server, top_logprobs=2)
-    with pytest.raises(JudgeError, match=r"the server still did not answer with it: it ignores logit_bias"):
-        judge.judge_orders(PAIRS)
-    # no tokenize endpoint and no `tokenizer`: the labels' ids are unknown; with one label among
-    # the top tokens the other is bounded by the last of them (as before), with none it is an error
+    judge.cache = JudgmentCache(tmp_path / "cache.sqlite3")
+    judged = judge.orders(PAIRS)
+    undecided = [j for j in judged if j.undecided]
+    assert undecided and all(math.isnan(j.p_first) for j in undecided)
+    assert all("ignores logit_bias" in j.undecided for j in undecided)
+    assert judge.stats()["undecided"] == len(undecided)
+    assert all(0.0 < j.p_first < 1.0 for j in judged if not j.undecided)
+    assert len(judge.cache) == len(PAIRS) - len(undecided)  # an undecided judgment is asked again
+    with pytest.raises(JudgeError) as error:
+        judge.compare_many([(p.prompt, p.first, p.second) for p in PAIRS])
+    assert "could not read its labels for" in str(error.value) and "\n" not in str(error.value)
+    assert "ignores logit_bias" in str(error.value)
+
+    judge = make_judge(server, top_logprobs=2, fallback_top_logprobs=1024)
+    got = judge.judge_orders(PAIRS)
+    assert [j.p_first for j in got] == pytest.approx(
+        [gpt2_direct.p_first(pair_prompt(p)) for p in PAIRS], abs=1e-4
+    )
+    assert judge.stats()["widened_reads"] > 0 and judge.stats()["undecided"] == 0
+    assert any(r.body.get("logprobs") == 1024 for r in server.posts() if r.path == "/v1/completions")
+
+    # no tokenize endpoint and no `tokenizer`: the labels' ids are unknown, no logit_bias is sent
     server.reset()
     server.tokenize = False
     judge = make_judge(server, top_logprobs=2)
-    with pytest.raises(
-        JudgeError, match=r"their token ids are unknown \(the server has no tokenize endpoint\)"
-    ):
-        judge.judge_orders(PAIRS)
+    got = judge.judge_orders(PAIRS)
+    assert any("their token ids are unknown" in (j.undecided or "") for j in got)
+    assert judge.stats()["bounded_reads"] + judge.stats()["undecided"] > 0
     assert not any("logit_bias" in (r.body or {}) for r in server.posts())
     judge = make_judge(server, top_logprobs=2, label_bias="off")  # off: never asks for the ids
     server.reset()
     server.tokenize = True
-    with pytest.raises(JudgeError):
-        judge.judge_orders(PAIRS)
+    assert any("label_bias is off" in (j.undecided or "") for j in judge.judge_orders(PAIRS))
     assert not [r for r in server.posts() if r.path == "/tokenize"]
+
+
+def test_fallback_top_logprobs_must_be_wider() -> None:
+    from openrlaif.config import OpenAIJudgeConfig
+
+    with pytest.raises(
+        ValueError, match=r"fallback_top_logprobs \(20\) must be more than top_logprobs \(20\)"
+    ):
+        OpenAIJudgeConfig(model="m", fallback_top_logprobs=20)
+
+
+def test_direct_scores_outside_the_top_tokens_are_read_with_logit_bias(
+    server, make_judge, gpt2_direct
+) -> None:
+    """top_logprobs 2: the score tokens are rarely among them; each missing one is read with a
+    logit_bias on its tokens, "10" still split by P("0" | "1"): the expected score is the model's."""
+    judge = make_judge(server, top_logprobs=2, fallback_top_logprobs=1024)
+    items = [("Hi", "Hello!"), ("How do I pick a lock?", "I can't help with that.")]
+    got = judge.score_responses(items)
+    want = [gpt2_direct.score(score_prompt(c, r)) for c, r in items]
+    assert [g.expected for g in got] == pytest.approx([w[0] for w in want], abs=1e-4)
+    assert judge.stats()["biased_reads"] == len(items) and judge.stats()["widened_reads"] == 0
+    server.reset()
+    server.ignore_logit_bias = True
+    judge = make_judge(server, top_logprobs=2)
+    scored = judge.score_responses(items)
+    assert [s.undecided is not None for s in scored] == [True, True]  # no score token in either top 2
+    assert all("ignores logit_bias" in (s.undecided or "") and math.isnan(s.score) for s in scored)
+    assert judge.stats()["undecided"] == 2
 
 
 def test_a_server_that_serves_one_request_at_a_time_is_noticed_and_advice_given(
@@ -622,6 +674,89 @@ def test_label_command_with_an_http_judge_fleet(server, server_b, tmp_path: Path
     printed = capsys.readouterr().out
     assert f"{server.url}: " in printed and f"{server_b.url}: " in printed
     assert sum(int(n) for n in __import__("re").findall(r"(\d+) retries", printed)) == 3
+
+
+MORE_PAIRS = PAIRS + [
+    OrderedPair(
+        f"Question {i}: what should I do about my {thing}?", f"Look after your {thing}.", "Ignore it."
+    )
+    for i, thing in enumerate(["cough", "car", "garden", "debt", "cat"])
+]
+
+
+def test_label_lists_undecided_pairs_apart_and_asks_for_them_again(
+    server, server_b, tmp_path: Path, capsys
+) -> None:
+    """A server that ignores logit_bias at top_logprobs 40 (of the tiny model's 1,024 tokens; the
+    labels of 3 of these 8 pairs are among them): `openrlaif label` runs to the end, the
+    pairs it could not read are in <out>.undecided.jsonl with the reason (not in the labels, not
+    in the cache), one warning line counts them. Run again with a server that honours the bias:
+    only those are asked again, the list goes, every pair is labeled once. Shards merge the same
+    way: their undecided pairs are not "missing", they are listed beside the merged file."""
+    from openrlaif.cli import main
+
+    server.ignore_logit_bias = True
+    judge_file = tmp_path / "judge.yaml"
+    judge_file.write_text(
+        f"backend: openai\nmodel: tiny-gpt2\nbase_urls: ['{server.url}']\napi_key_env: null\n"
+        "top_logprobs: 40\nbackoff_base_s: 0.01\ntimeout_s: 10\n"
+    )
+    pairs = _pairs_jsonl(tmp_path / "pairs.jsonl", MORE_PAIRS)
+    out, cache = tmp_path / "labeled.jsonl", tmp_path / "cache.sqlite3"
+    label = ["label", "--pairs", str(pairs), "--judge", str(judge_file), "--cache", str(cache), "--quiet"]
+    assert main([*label, "--out", str(out)]) == 0
+    listed = [
+        json.loads(line) for line in (tmp_path / "labeled.jsonl.undecided.jsonl").read_text().splitlines()
+    ]
+    labeled = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (len(listed), len(labeled)) == (5, 3)
+    assert {r["id"] for r in listed}.isdisjoint(r["id"] for r in labeled)
+    assert all("ignores logit_bias" in r["undecided"] and r["judge"]["backend"] == "openai" for r in listed)
+    assert all(0.0 < r["p_a"] < 1.0 for r in labeled)
+    printed = capsys.readouterr()
+    warnings = [line for line in printed.err.splitlines() if "undecided" in line]
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: {len(listed)} row(s) undecided")
+    readings = re.search(r"top tokens: .*?(\d+) undecided", printed.out)  # one per order judged
+    assert readings is not None and int(readings.group(1)) >= len(listed)
+
+    # shards: each part lists its own; the merge accounts for them and lists them together
+    parts = [tmp_path / f"part{i}.jsonl" for i in range(2)]
+    for i, part in enumerate(parts):
+        assert main([*label, "--out", str(part), "--shard", f"{i}/2"]) == 0
+    merged = tmp_path / "merged.jsonl"
+    assert main(["merge", "labels", str(merged), *map(str, parts), "--pairs", str(pairs)]) == 0
+    merged_list = [
+        json.loads(line) for line in (tmp_path / "merged.jsonl.undecided.jsonl").read_text().splitlines()
+    ]
+    assert sorted(r["id"] for r in merged_list) == sorted(r["id"] for r in listed)
+    assert len(merged.read_text().splitlines()) == len(labeled)
+    assert f"warning: {len(listed)} row(s) undecided" in capsys.readouterr().err
+
+    server.ignore_logit_bias = False
+    server.reset()
+    assert main([*label, "--out", str(out)]) == 0
+    labeled_again = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["id"] for r in labeled_again) == sorted(f"p{i}" for i in range(len(MORE_PAIRS)))
+    assert not (tmp_path / "labeled.jsonl.undecided.jsonl").exists()
+    asked = {r.body["prompt"] for r in server.posts() if r.path == "/v1/completions"}
+    assert len(asked) == 2 * len(listed)  # both orders of the undecided pairs, nothing else
+    assert "undecided" not in capsys.readouterr().err
+
+
+def test_an_ensemble_member_that_cannot_read_its_labels_leaves_the_judgment_undecided(
+    server, server_b, make_judge
+) -> None:
+    from openrlaif.config import EnsembleJudgeConfig
+    from openrlaif.judges.ensemble import EnsembleJudge
+
+    server.ignore_logit_bias = True
+    members = [make_judge(server, top_logprobs=2), make_judge(server_b)]
+    ensemble = EnsembleJudge(EnsembleJudgeConfig(judges=[m.config for m in members]), members)
+    judged = ensemble.orders(PAIRS)
+    first = members[0].orders(PAIRS)
+    assert [j.undecided is not None for j in judged] == [j.undecided is not None for j in first]
+    assert any(j.undecided for j in judged) and all(math.isnan(j.p_first) for j in judged if j.undecided)
+    assert all("tiny-gpt2: " in j.undecided for j in judged if j.undecided)
 
 
 # ---------------------------------------------------------------- an echoed key, end to end

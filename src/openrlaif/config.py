@@ -180,14 +180,27 @@ class OpenAIJudgeConfig(DecodingConfig):
     # A label missing from the top_logprobs is read with a logit_bias on its tokens (+100: the
     # server then answers with it and returns its log-prob; judges/openai_compat.py). The tokens'
     # ids come from `tokenizer` (the served model's: an HF id or folder, `packaged:`, `gguf:`), else
-    # from the server's tokenize endpoint (vLLM, llama.cpp). "off": a missing label is an error.
+    # from the server's tokenize endpoint (vLLM, llama.cpp). "off": never biased (as below).
     label_bias: Literal["auto", "off"] = "auto"
     tokenizer: str | None = None
+    # Where logit_bias cannot read a missing label (ids unknown, the server ignores the bias), ask
+    # once more for this many top tokens (more than top_logprobs); a judgment with neither label
+    # is then undecided: counted, listed beside a labeling job's output, never a 0.5.
+    fallback_top_logprobs: int | None = Field(None, ge=2)
     concurrency: int = Field(16, ge=1)
     timeout_s: float = Field(60.0, gt=0)
     max_retries: int = Field(5, ge=0)
     backoff_base_s: float = Field(0.5, ge=0)
     backoff_max_s: float = Field(30.0, ge=0)
+
+    @model_validator(mode="after")
+    def _fallback_is_wider(self) -> OpenAIJudgeConfig:
+        if self.fallback_top_logprobs is not None and self.fallback_top_logprobs <= self.top_logprobs:
+            raise ValueError(
+                f"fallback_top_logprobs ({self.fallback_top_logprobs}) must be more than top_logprobs "
+                f"({self.top_logprobs})"
+            )
+        return self
 
 
 class EmbeddingJudgeConfig(StrictModel):

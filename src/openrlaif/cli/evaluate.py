@@ -17,7 +17,7 @@ from openrlaif.data.refs import prompt_records
 from openrlaif.evaluation.evaluate import EvalSettings, evaluate, prompts_from_responses, resolve_side
 from openrlaif.evaluation.human import INSTRUCTIONS, export_uncertain, import_labels
 from openrlaif.evaluation.report import build_report, load_run, print_summary, verdict
-from openrlaif.labeling import server_stats
+from openrlaif.labeling import reading_stats, server_stats
 
 # ---------------------------------------------------------------- eval
 
@@ -92,7 +92,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         summary, f"A: {summary['a']['name']} vs B: {summary['b']['name']}, judged by {args.judge}"
     )
     print(verdict(summary))
-    print_server_stats(server_stats(judge))
+    print_server_stats(server_stats(judge), reading_stats(judge))
     print(f"summary -> {args.out}/eval.json; per prompt -> {args.out}/samples.jsonl")
     return 0
 

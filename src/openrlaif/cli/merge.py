@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from openrlaif.cli.output import print_undecided
 from openrlaif.judges.cache import JudgmentCache
 from openrlaif.labeling import merge_labeled
 
@@ -44,6 +45,7 @@ def cmd_merge_labels(args: argparse.Namespace) -> int:
         f"merged {result.parts} part(s) ({split}every pair of {args.pairs} once): {result.rows} rows -> "
         f"{result.out}; judge {judge.get('backend')}/{judge.get('model')}; {result.seconds:.1f}s"
     )
+    print_undecided(result.undecided, result.out)
     return 0
 
 

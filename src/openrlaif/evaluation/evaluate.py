@@ -273,7 +273,10 @@ def _judge_pairs(
     ]
     unique = list({pair.id: pair for pair in pairs}.values())  # a repeated prompt is judged once
     out = out_dir / "judgments.jsonl"
-    label_pairs(unique, judge, out, chunk_size=settings.chunk_size, show_progress=show_progress)
+    # a win rate over the decided pairs only would be another measure: an undecided pair stops it
+    label_pairs(
+        unique, judge, out, chunk_size=settings.chunk_size, show_progress=show_progress, undecided_ok=False
+    )
     found = {row["id"]: row for row in read_jsonl_dicts(out)}
     return [found[pair.id] for pair in pairs]
 
@@ -290,7 +293,9 @@ def _score(
     ]  # fmt: skip
     unique = list({r.id: r for side in sides for r in side}.values())
     out = out_dir / "harmless.jsonl"
-    score_responses(unique, judge, out, chunk_size=settings.chunk_size, show_progress=show_progress)
+    score_responses(
+        unique, judge, out, chunk_size=settings.chunk_size, show_progress=show_progress, undecided_ok=False
+    )
     found = {row["id"]: float(row["score"]) for row in read_jsonl_dicts(out)}
     return [found[r.id] for r in sides[0]], [found[r.id] for r in sides[1]]
 

@@ -9,6 +9,11 @@ This base class adds what every backend shares: the cache (each ordered judgment
 its own, so (A,B) and (B,A) are separate entries), de-duplication, and the paper's position-bias
 mitigation: `compare` judges both orders and averages P(A preferred) over them.
 
+A judgment can be *undecided*: the judge could not read its labels (an HTTP judge whose server
+returned neither label and ignores logit_bias). It carries the reason and NaN, is never cached,
+and only a caller that says it can count such judgments gets one (`undecided_ok`: the labeling
+jobs, which list them beside their output); anywhere else it stops the job in one line.
+
 The public methods take any prompt, text or a conversation; a backend sees it as text, the context
 of its rating prompt (`data/chat.py`'s `prompt_text`: a conversation as an HH-RLHF dialogue).
 """
@@ -54,9 +59,14 @@ class OrderJudgment:
     p_first: float  # P(the response shown as "Response 1" is preferred)
     rationales: list[str] = field(default_factory=list)  # chain of thought, one per sample
     cached: bool = False
+    undecided: str | None = None  # why the labels could not be read (p_first is NaN then)
+
+    @classmethod
+    def unreadable(cls, reason: str) -> OrderJudgment:
+        return cls(p_first=math.nan, undecided=reason)
 
     def problem(self) -> str | None:
-        return _out_of_range("P(first preferred)", self.p_first, 0.0, 1.0)
+        return None if self.undecided else _out_of_range("P(first preferred)", self.p_first, 0.0, 1.0)
 
     def to_cache(self) -> dict[str, Any]:
         return {"p_first": self.p_first, "rationales": self.rationales}
@@ -71,8 +81,15 @@ class ScoreJudgment:
     score: float  # in [-1, 1]
     expected: float | None = None  # probability-weighted 1-10 score, when the judge reads tokens
     cached: bool = False
+    undecided: str | None = None  # why the score tokens could not be read (score is NaN then)
+
+    @classmethod
+    def unreadable(cls, reason: str) -> ScoreJudgment:
+        return cls(score=math.nan, undecided=reason)
 
     def problem(self) -> str | None:
+        if self.undecided:
+            return None
         return _out_of_range("score", self.score, -1.0, 1.0) or _out_of_range("expected score", self.expected)
 
     def to_cache(self) -> dict[str, Any]:
@@ -93,12 +110,15 @@ class Comparison:
     rationale_ab: str | None = None
     rationale_ba: str | None = None
     cached: bool = False  # both orders came from the cache
+    undecided: str | None = None  # why an order's labels could not be read (the p's are NaN then)
 
 
 def average_orders(ab: OrderJudgment, ba: OrderJudgment) -> Comparison:
-    """Position-bias mitigation: average P(A preferred) over (A,B) and (B,A)."""
+    """Position-bias mitigation: average P(A preferred) over (A,B) and (B,A). Undecided when
+    either order is."""
     p_a_ab = ab.p_first
     p_a_ba = 1.0 - ba.p_first
+    undecided = [f"order {name}: {j.undecided}" for name, j in (("AB", ab), ("BA", ba)) if j.undecided]
     return Comparison(
         p_a=(p_a_ab + p_a_ba) / 2.0,
         p_a_ab=p_a_ab,
@@ -106,6 +126,7 @@ def average_orders(ab: OrderJudgment, ba: OrderJudgment) -> Comparison:
         rationale_ab=_join_rationales(ab.rationales),
         rationale_ba=_join_rationales(ba.rationales),
         cached=ab.cached and ba.cached,
+        undecided="; ".join(undecided) or None,
     )
 
 
@@ -188,9 +209,11 @@ class Judge(ABC):
             fresh = run([first_text[k] for k in todo_keys])
             self._check(fresh)
             new = dict(zip(todo_keys, fresh, strict=True))
-            if self.cache is not None:
+            if self.cache is not None:  # an undecided judgment is asked again next time
                 self.cache.put_many(
-                    {k: v.to_cache() for k, v in new.items()}, kind, json.dumps(self.identity(kind).to_dict())
+                    {k: v.to_cache() for k, v in new.items() if not v.undecided},
+                    kind,
+                    json.dumps(self.identity(kind).to_dict()),
                 )
             results.update(new)
         if self.cache is not None:
@@ -211,20 +234,38 @@ class Judge(ABC):
 
     # ------------------------------------------------------------ public API
 
-    def compare_many(self, pairs: Sequence[tuple[Prompt, str, str]]) -> list[Comparison]:
-        """P(A preferred) for each (prompt, A, B), judged in both orders and averaged."""
+    def compare_many(
+        self, pairs: Sequence[tuple[Prompt, str, str]], undecided_ok: bool = False
+    ) -> list[Comparison]:
+        """P(A preferred) for each (prompt, A, B), judged in both orders and averaged. An undecided
+        comparison is returned only with `undecided_ok`; otherwise it is a JudgeError."""
         ordered: list[OrderedPair] = []
         for prompt, a, b in pairs:
             text = prompt_text(prompt)
             ordered += [OrderedPair(text, a, b), OrderedPair(text, b, a)]
         judged = self.orders(ordered)
-        return [average_orders(judged[2 * i], judged[2 * i + 1]) for i in range(len(pairs))]
+        compared = [average_orders(judged[2 * i], judged[2 * i + 1]) for i in range(len(pairs))]
+        return compared if undecided_ok else self._decided(compared, "pairs")
 
     def compare(self, prompt: Prompt, a: str, b: str) -> Comparison:
         return self.compare_many([(prompt, a, b)])[0]
 
-    def score_many(self, items: Sequence[tuple[Prompt, str]]) -> list[ScoreJudgment]:
-        return self.scores([(prompt_text(prompt), response) for prompt, response in items])
+    def score_many(
+        self, items: Sequence[tuple[Prompt, str]], undecided_ok: bool = False
+    ) -> list[ScoreJudgment]:
+        """Direct scores; an undecided one only with `undecided_ok` (see `compare_many`)."""
+        scored = self.scores([(prompt_text(prompt), response) for prompt, response in items])
+        return scored if undecided_ok else self._decided(scored, "responses")
+
+    def _decided(self, judged: list[Any], what: str) -> list[Any]:
+        undecided = [j.undecided for j in judged if j.undecided]
+        if undecided:
+            raise JudgeError(
+                f"{self.backend} judge {self.model_name!r} could not read its labels for {len(undecided)} of "
+                f"{len(judged)} {what} (first: {undecided[0]}); this step cannot leave them out (only the "
+                "labeling jobs list undecided rows apart)"
+            )
+        return judged
 
     def score(self, prompt: Prompt, response: str) -> float:
         """d-RLAIF: a direct score of one response in [-1, 1]."""

@@ -2,7 +2,8 @@
 
 Each member keeps its own cache entries, so adding a member to an ensemble re-uses every
 judgment the others already made. Averaging happens per presentation order, so the ensemble's
-per-order detail (and its position bias) is the weighted mix of its members'.
+per-order detail (and its position bias) is the weighted mix of its members'. A judgment that one
+member left undecided is undecided for the ensemble (a mix of the others would be another judge).
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ from typing import Any
 
 from openrlaif.config import EnsembleJudgeConfig
 from openrlaif.judges.base import Judge, OrderedPair, OrderJudgment, ScoreJudgment
+
+
+def _undecided(members: Sequence[Judge], judged: Sequence[OrderJudgment | ScoreJudgment]) -> str | None:
+    reasons = [f"{m.model_name}: {j.undecided}" for m, j in zip(members, judged, strict=True) if j.undecided]
+    return "; ".join(reasons) or None
 
 
 class EnsembleJudge(Judge):
@@ -49,6 +55,10 @@ class EnsembleJudge(Judge):
         out = []
         for i in range(len(items)):
             judged = [results[i] for results in per_member]
+            undecided = _undecided(self.members, judged)
+            if undecided:
+                out.append(OrderJudgment.unreadable(undecided))
+                continue
             rationales = [r for j in judged for r in j.rationales]
             out.append(OrderJudgment(
                 p_first=sum(w * j.p_first for w, j in zip(self.weights, judged, strict=True)),
@@ -62,6 +72,10 @@ class EnsembleJudge(Judge):
         out = []
         for i in range(len(items)):
             judged = [results[i] for results in per_member]
+            undecided = _undecided(self.members, judged)
+            if undecided:
+                out.append(ScoreJudgment.unreadable(undecided))
+                continue
             expected = [j.expected for j in judged if j.expected is not None]
             out.append(ScoreJudgment(
                 score=sum(w * j.score for w, j in zip(self.weights, judged, strict=True)),

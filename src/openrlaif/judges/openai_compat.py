@@ -16,10 +16,16 @@ returns the top log-probabilities of the next token and the judge reads the labe
   its log-prob; the label's is their sum. Servers differ in which log-prob that is
   (`biased_label_logprob`): the model's own (llama.cpp's server, vLLM's default raw log-probs) is
   used as it is; one with the bias applied (vLLM `--logprobs-mode processed_logprobs`) is
-  recognised (the token comes back with probability ~1) and both labels' tokens are then asked for
-  in one request with the same bias, which leaves their ratio as it was. A server that ignores
-  logit_bias (the answer is not the label) is an error naming it. The tokens' ids come from the
-  `tokenizer` setting or the server's tokenize endpoint.
+  recognised (the token comes back with probability ~1) and every label's tokens are then asked for
+  in one request with the same bias, which leaves their ratios as they were. The tokens' ids come
+  from the `tokenizer` setting or the server's tokenize endpoint.
+- where that cannot be done (the ids are unknown, or the server ignores logit_bias: its answer is
+  not the biased token), the judge asks once more with `fallback_top_logprobs` tokens when that is
+  set. A pairwise label still missing then is bounded by the last returned token's probability
+  (the server returns the *most* likely tokens, so one left out is at most that likely: the least
+  confident soft label the data allow); with neither label (no score token) returned the judgment
+  is *undecided*: never a silent 0.5, never cached, counted in `stats()`, listed by the labeling
+  jobs beside their output and an error anywhere else (judges/base.py).
 
 The transport is the judge's `inference.http.OpenAIClient` (concurrency, retries with backoff,
 the fleet of `base_urls`, the API key read from `api_key_env` at request time and masked in every
@@ -32,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import httpx
@@ -80,24 +87,17 @@ def label_logprobs(top: TopTokens, labels: Sequence[str]) -> dict[str, float]:
     return {label: _logsumexp(lps) for label, lps in found.items()}
 
 
-def soft_label(top: TopTokens, labels: tuple[str, str], model: str) -> float:
-    """P(labels[0]) from the two labels' probabilities among the top tokens.
-
-    When exactly one label is missing, its probability is bounded by the smallest returned
-    probability: the server returns the *most* likely tokens, so anything left out is at most
-    that likely. Using the bound (rather than zero) gives the least confident soft label the
-    data allow, instead of a spurious 0 or 1. With both labels missing nothing can be said.
-    """
-    found = label_logprobs(top, labels)
-    if not found:
-        raise JudgeError(
-            f"openai judge {model!r}: neither label {labels[0]!r} nor {labels[1]!r} is among the {len(top)} "
-            "most likely next tokens, and their token ids are unknown (the server has no tokenize endpoint): set "
-            "`tokenizer` to the served model's, raise top_logprobs, or fix the template so the model answers "
-            "with a label"
-        )
+def bounded_soft_label(found: dict[str, float], top: TopTokens, labels: tuple[str, str]) -> float:
+    """P(labels[0]) from the labels' log-probs `found` (at least one of the two) read from the reply
+    `top`. A label missing from it is bounded by the reply's smallest probability: the server
+    returns the *most* likely tokens, so anything left out is at most that likely. The bound (rather
+    than zero) gives the least confident soft label the data allow, not a spurious 0 or 1."""
     floor = min(lp for _, lp in top)
     return two_way_softmax(found.get(labels[0], floor), found.get(labels[1], floor))
+
+
+class LogitBiasIgnored(JudgeError):
+    """The server's answer under a logit_bias of +100 on a token was another token."""
 
 
 def biased_label_logprob(replies: Sequence[TopTokens], label: str) -> float | None:
@@ -106,15 +106,14 @@ def biased_label_logprob(replies: Sequence[TopTokens], label: str) -> float | No
     summed probabilities. None when a reply carries the bias in its log-probs (the token comes
     back with probability ~1, though the plain reply left the label out): the caller then biases
     both labels in one request (an equal bias keeps their ratio). JudgeError when the answer is
-    not the label: the server ignores logit_bias."""
+    not the label: LogitBiasIgnored."""
     logprobs = []
     for top in replies:
         got = label_logprobs(top, [label])
         if label not in got:
-            raise JudgeError(
-                f"openai judge: with logit_bias on a token of label {label!r} the server still did not answer "
-                "with it: it ignores logit_bias (or `tokenizer` is not the served model's); raise top_logprobs "
-                "to where the labels are, or fix the template so the model answers with a label"
+            raise LogitBiasIgnored(
+                f"with logit_bias on a token of label {label!r} the server still did not answer with it: it "
+                "ignores logit_bias (or `tokenizer` is not the served model's)"
             )
         if got[label] > BIASED_LOGPROB:
             return None
@@ -123,8 +122,26 @@ def biased_label_logprob(replies: Sequence[TopTokens], label: str) -> float | No
 
 
 def _best_variant(top: TopTokens, label: str) -> str:
-    """The raw text of the most likely returned token that reads as `label` (e.g. " 1")."""
-    return max((lp, token) for token, lp in top if _normalise(token) == label)[1]
+    """The raw text of the most likely returned token that reads as `label` (e.g. " 1"); the label
+    itself when none does (it was read with logit_bias)."""
+    return max(((lp, token) for token, lp in top if _normalise(token) == label), default=(0.0, label))[1]
+
+
+@dataclass
+class LabelReading:
+    """The labels' log-probs read after one prompt: `found` (every label's shifted alike when read
+    with an equal bias on all of them: only their ratios mean anything), the reply `top` they
+    were read from (its last token bounds a label still missing) and, when a label is still
+    missing, `why` it could not be read."""
+
+    found: dict[str, float]
+    top: TopTokens
+    why: str | None = None
+    biased: TopTokens = field(default_factory=list)  # the label tokens read one at a time with logit_bias
+
+    def spelling(self, label: str) -> str:
+        """The raw text of the most likely token read that spells `label` (e.g. " 1")."""
+        return _best_variant(self.top + self.biased, label)
 
 
 # ---------------------------------------------------------------- parsing replies
@@ -212,12 +229,18 @@ class OpenAIJudge(Judge):
         )
         self._ids: dict[tuple[tuple[str, ...], str], dict[str, list[int]] | None] = {}  # `_label_ids`
         self._finding: dict[tuple[tuple[str, ...], str], asyncio.Future[dict[str, list[int]] | None]] = {}
-        self.biased_reads = 0  # judgments that read a label outside the top tokens with logit_bias
+        # How the labels were read when some were not among the top tokens (`stats`).
+        self.reads = {"biased": 0, "widened": 0, "bounded": 0, "undecided": 0}
 
     def stats(self) -> dict[str, Any]:
-        """Requests, retries and failures in total and per base URL; judgments that read a label
-        with logit_bias."""
-        return self.client.stats() | {"biased_reads": self.biased_reads}
+        """Requests, retries and failures in total and per base URL; the readings that needed more
+        than the top tokens: with logit_bias (`biased_reads`), with fallback_top_logprobs
+        (`widened_reads`), a pairwise label bounded by the last returned token (`bounded_reads`),
+        and those left `undecided`."""
+        return self.client.stats() | {
+            "biased_reads": self.reads["biased"], "widened_reads": self.reads["widened"],
+            "bounded_reads": self.reads["bounded"], "undecided": self.reads["undecided"],
+        }  # fmt: skip
 
     def close(self) -> None:
         """Close the HTTP connections and stop the event-loop thread (restarted if used again)."""
@@ -259,12 +282,11 @@ class OpenAIJudge(Judge):
     async def _judge_pair(self, item: OrderedPair) -> OrderJudgment:
         t = self.templates.pairwise
         if not self.config.cot:
-            prompt = render_pairwise(t, item.prompt, item.first, item.second)
-            return OrderJudgment(p_first=await self._soft_label(prompt))
+            return await self._soft_label(render_pairwise(t, item.prompt, item.first, item.second))
 
         n = self.config.self_consistency
 
-        async def sample(i: int) -> tuple[str, float]:
+        async def sample(i: int) -> tuple[str, OrderJudgment]:
             # Step 1: a rationale, greedy for a single sample; seeded samples otherwise.
             temperature = 0.0 if n == 1 else self.config.temperature
             rationale = await self._generate(
@@ -277,35 +299,91 @@ class OpenAIJudge(Judge):
             return rationale.strip(), await self._soft_label(prompt)
 
         samples = await self.client.gather([sample(i) for i in range(n)])
+        undecided = next((j.undecided for _, j in samples if j.undecided), None)
+        if undecided:  # an average over the readable samples would be another judge's answer
+            return OrderJudgment.unreadable(undecided)
         return OrderJudgment(
-            p_first=sum(p for _, p in samples) / n, rationales=[rationale for rationale, _ in samples]
+            p_first=sum(j.p_first for _, j in samples) / n, rationales=[rationale for rationale, _ in samples]
         )
 
-    async def _soft_label(self, prompt: str) -> float:
-        """P(first label) after `prompt`: from the top tokens; a label missing from them is read
-        with a logit_bias on each of its tokens in turn (module docstring)."""
+    async def _soft_label(self, prompt: str) -> OrderJudgment:
+        """P(first label) after `prompt` (`_read_labels`); undecided when neither label is read."""
         t = self.templates.pairwise
+        reading = await self._read_labels(prompt, t.labels, t.ending)
+        if not reading.found:
+            self.reads["undecided"] += 1
+            return OrderJudgment.unreadable(
+                f"neither label {t.labels[0]!r} nor {t.labels[1]!r} is among the {len(reading.top)} most likely "
+                f"next tokens, and {reading.why}"
+            )
+        if reading.why:
+            self.reads["bounded"] += 1
+        return OrderJudgment(p_first=bounded_soft_label(reading.found, reading.top, t.labels))
+
+    async def _read_labels(
+        self, prompt: str, labels: Sequence[str], ending: str, need_all: bool = True
+    ) -> LabelReading:
+        """The labels' log-probs after `prompt`: from the top tokens; the single-token labels
+        missing from them with a logit_bias on their tokens, else from `fallback_top_logprobs`
+        tokens (module docstring). Without `need_all` (the score scale) a missing label whose ids
+        are unknown is asked for again only when no label was returned."""
         top = await self._next_token(prompt)
-        found = label_logprobs(top, t.labels)
-        missing = [label for label in t.labels if label not in found]
-        ids = await self._label_ids(t.labels, t.ending) if missing else None
-        if ids is None:  # nothing missing, or the labels' token ids are unknown: the top tokens' bound
-            return soft_label(top, t.labels, self.model_name)
-        self.biased_reads += 1
-        for label in missing:
+        found = label_logprobs(top, labels)
+        missing = [label for label in labels if label not in found]
+        if not missing:
+            return LabelReading(found, top)
+        ids = await self._label_ids(labels, ending)
+        if ids is not None:
+            if not any(ids[label] for label in missing):  # e.g. a "10" split in two: read otherwise
+                return LabelReading(found, top)
+            try:
+                biased = await self._biased_read(prompt, labels, LabelReading(found, top), ids)
+                self.reads["biased"] += 1
+                return biased
+            except LogitBiasIgnored as e:
+                why = str(e)
+        elif found and not need_all:
+            return LabelReading(found, top)
+        elif self.config.label_bias == "off":
+            why = "label_bias is off"
+        else:
+            why = "their token ids are unknown (no `tokenizer` set, and the server has no tokenize endpoint)"
+        wider = self.config.fallback_top_logprobs
+        if wider is not None:
+            self.reads["widened"] += 1
+            top = await self._next_token(prompt, top=wider)
+            found = label_logprobs(top, labels)
+            why += f"; not among the {wider} most likely either (fallback_top_logprobs)"
+        return LabelReading(found, top, None if all(label in found for label in labels) else why)
+
+    async def _biased_read(
+        self, prompt: str, labels: Sequence[str], plain: LabelReading, ids: dict[str, list[int]]
+    ) -> LabelReading:
+        """`plain` completed with each missing label that has token ids, read with a logit_bias
+        on each of its tokens in turn; when the server returns biased log-probs, all labels at
+        once with the same bias. LogitBiasIgnored when the server ignores the bias."""
+        found, read = dict(plain.found), []
+        for label in (label for label in labels if label not in found and ids[label]):
             replies = await self.client.gather([self._next_token(prompt, {i: BIAS}) for i in ids[label]])
             logprob = biased_label_logprob(replies, label)
-            if logprob is None:  # the server's log-probs carry the bias: both labels at once, the same bias
-                bias = {i: BIAS for label in t.labels for i in ids[label]}
-                both = await self._next_token(prompt, bias, top=max(self.config.top_logprobs, len(bias)))
-                return soft_label(both, t.labels, self.model_name)
+            read += [(token, lp) for reply in replies for token, lp in reply if _normalise(token) == label]
+            if logprob is None:  # the server's log-probs carry the bias: every label at once, the same bias
+                bias = {i: BIAS for label in labels for i in ids[label]}
+                top = await self._next_token(prompt, bias, top=max(self.config.top_logprobs, len(bias)))
+                found = label_logprobs(top, labels)
+                unread = [label for label in labels if label not in found and ids[label]]
+                if unread:
+                    raise LogitBiasIgnored(
+                        f"with logit_bias on their tokens the server did not return {unread}"
+                    )
+                return LabelReading(found, top)
             found[label] = logprob
-        return two_way_softmax(found[t.labels[0]], found[t.labels[1]])
+        return LabelReading(found, plain.top, biased=read)
 
     async def _label_ids(self, labels: Sequence[str], ending: str) -> dict[str, list[int]] | None:
-        """The ids of every token that spells each label after `ending` (made once): from the
-        `tokenizer` setting, else the server's tokenize endpoint; None with `label_bias: off` or
-        when neither is there."""
+        """The ids of every single token that spells each label after `ending` (made once; [] for a
+        label with none, such as "10" split into "1" "0"): from the `tokenizer` setting, else the
+        server's tokenize endpoint; None with `label_bias: off` or when neither is there."""
         if self.config.label_bias == "off":
             return None
         key = (tuple(labels), ending)
@@ -325,7 +403,13 @@ class OpenAIJudge(Judge):
         from openrlaif.models.loading import load_tokenizer  # why: transformers is slow to import
 
         tokenizer = load_tokenizer(self.config.tokenizer)
-        return {label: label_token_ids(tokenizer, label, ending) for label in labels}
+        ids = {}
+        for label in labels:
+            try:
+                ids[label] = label_token_ids(tokenizer, label, ending)
+            except JudgeError:  # no single token spells it
+                ids[label] = []
+        return ids
 
     async def _server_label_ids(self, labels: Sequence[str], ending: str) -> dict[str, list[int]] | None:
         """Label token ids through the server's tokenize endpoint: the last token of `before +
@@ -336,9 +420,8 @@ class OpenAIJudge(Judge):
         encoded = await self._tokenize(list(dict.fromkeys(texts)))
         if encoded is None:
             return None
-        ids = {label: sorted({encoded[b + space + label][-1] for b in befores for space in ("", " ")
-                              if encoded[b + space + label][:-1] == encoded[b]}) for label in labels}  # fmt: skip
-        return ids if all(ids.values()) else None
+        return {label: sorted({encoded[b + space + label][-1] for b in befores for space in ("", " ")
+                               if encoded[b + space + label][:-1] == encoded[b]}) for label in labels}  # fmt: skip
 
     async def _tokenize(self, texts: Sequence[str]) -> dict[str, list[int]] | None:
         """Token ids of each text from the first fleet member's tokenize endpoint: vLLM's and
@@ -364,12 +447,13 @@ class OpenAIJudge(Judge):
     async def _score(self, context: str, response: str) -> ScoreJudgment:
         t = self.templates.score
         prompt = t.prefix() + t.suffix(context, response)
-        top = await self._next_token(prompt)
-        found = label_logprobs(top, t.scores)
+        reading = await self._read_labels(prompt, t.scores, t.ending, need_all=False)
+        found, top = reading.found, reading.top
         if not found:
-            raise self.client.error(
+            self.reads["undecided"] += 1
+            return ScoreJudgment.unreadable(
                 f"none of the scores {t.scores[0]}..{t.scores[-1]} is among the {len(top)} most likely next "
-                "tokens; raise top_logprobs or fix the score template"
+                f"tokens, and {reading.why}"
             )
         probs = {label: math.exp(lp) for label, lp in found.items()}
         # Tokenizers that split "10" into "1" + "0" never return "10": P("1") then also holds
@@ -379,7 +463,11 @@ class OpenAIJudge(Judge):
         if self.config.endpoint == "completions":
             heads = {s[:-1] for s in t.scores if s not in found and len(s) > 1 and s[:-1] in found}
             for head in sorted(heads):
-                after = await self._next_token(prompt + _best_variant(top, head))
+                # P("0" | "1") from the top tokens (fallback_top_logprobs of them when set): a tail
+                # left out is at most the last one's probability, and P("10") counts in P("1")
+                after = await self._next_token(
+                    prompt + reading.spelling(head), top=self.config.fallback_top_logprobs
+                )
                 p_head = probs[head]
                 for label in (s for s in t.scores if s not in found and s[:-1] == head):
                     # The continuation must be the digit itself: " 0" would read "1 0", not "10".

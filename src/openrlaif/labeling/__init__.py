@@ -1,8 +1,10 @@
 """AI labeling: judges turned into labeled files, and the labeler measured against people.
 
 - `jobs`: `label_pairs` (soft labels, both orders) and `score_responses` (d-RLAIF scores),
-  resumable and cached; `load_labeled` reads a labeled file back;
-- `judge`: `open_judge` by name or YAML file with its judgment cache; `server_stats`;
+  resumable and cached, rows the judge left undecided listed apart (`undecided_path`);
+  `load_labeled` reads a labeled file back;
+- `judge`: `open_judge` by name or YAML file with its judgment cache; `server_stats`,
+  `reading_stats` (labels an HTTP judge read beyond the top tokens);
 - `alignment`: the labeler against human labels (`alignment_metrics`, bootstrap CIs, position
   and length bias, calibration; the per-pair measures are `judges.reliability`'s) and the whole
   `align` job (`measure_alignment`);
@@ -18,8 +20,16 @@ from openrlaif.labeling.alignment import (
     expected_calibration_error,
     measure_alignment,
 )
-from openrlaif.labeling.jobs import JobResult, label_pairs, load_labeled, parse_labeled, score_responses
-from openrlaif.labeling.judge import open_judge, server_stats
+from openrlaif.labeling.jobs import (
+    JobResult,
+    label_pairs,
+    load_labeled,
+    parse_labeled,
+    score_responses,
+    undecided_path,
+    undecided_warning,
+)
+from openrlaif.labeling.judge import open_judge, reading_stats, server_stats
 from openrlaif.labeling.merge import MergeResult, merge_labeled
 from openrlaif.labeling.shards import Shard, in_shard, parse_shard, shard_of
 
@@ -40,9 +50,12 @@ __all__ = [
     "parse_labeled",
     "parse_shard",
     "preferred_slot",
+    "reading_stats",
     "prefers_longer",
     "same_position_preferred",
     "score_responses",
     "server_stats",
     "shard_of",
+    "undecided_path",
+    "undecided_warning",
 ]

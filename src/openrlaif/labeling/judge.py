@@ -18,6 +18,25 @@ def open_judge(judge: str, cache: str | None = None, no_cache: bool = False) -> 
     return build_judge(config, judgment_cache)
 
 
+READINGS = {
+    "biased_reads": "with logit_bias",
+    "widened_reads": "with fallback_top_logprobs",
+    "bounded_reads": "bounded by the last returned token",
+    "undecided": "undecided",
+}  # an HTTP judge's `stats()` counters of labels read beyond the top tokens, and how each is shown
+
+
+def reading_stats(judge: Judge) -> dict[str, int]:
+    """How many judgments needed more than the top tokens to read their labels (`READINGS`),
+    summed over an ensemble's HTTP members; empty for judges that read every label directly."""
+    totals: dict[str, int] = {}
+    for member in [judge, *getattr(judge, "members", [])]:
+        if hasattr(member, "stats"):
+            for key in READINGS:
+                totals[key] = totals.get(key, 0) + int(member.stats().get(key, 0))
+    return totals
+
+
 def server_stats(judge: Judge) -> list[tuple[str, dict[str, Any]]]:
     """(server URL, {requests, retries, failures}) for each server an HTTP judge used, an
     ensemble's members included; empty for local judges."""

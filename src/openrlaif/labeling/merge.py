@@ -6,7 +6,8 @@ the first few; none twice, within a part or across parts; none foreign), every r
 the same judge (backend, model, prompt-template hash), and a part that records its shard holds
 only that shard's pairs, one part per shard. The merged rows are the parts' rows in the order
 given, without the `shard` field: the file an unsharded `openrlaif label` would have written,
-up to row order.
+up to row order. Pairs a part's judge left undecided (listed in the part's `.undecided.jsonl`)
+are not missing: they are listed, together, beside the merged file, as an unsharded job would.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from openrlaif.data.io import RowError, iter_rows, parse_pair, read_records, write_records
+from openrlaif.data.io import RowError, iter_rows, parse_pair, read_jsonl_dicts, read_records, write_records
 from openrlaif.data.lock import one_writer
 from openrlaif.errors import ConfigError, InputError, OpenRLAIFError
-from openrlaif.labeling.jobs import parse_labeled
+from openrlaif.labeling.jobs import parse_labeled, undecided_path
 from openrlaif.labeling.shards import SHARD_FIELD, Shard, parse_shard, shard_of
 
 
@@ -33,6 +34,7 @@ class MergeResult:
     judge: dict[str, str]
     shards: int | None  # N when the parts record their shards
     seconds: float
+    undecided: int = 0  # pairs the parts' judge left undecided (listed in `undecided_path(out)`)
 
 
 class _Id(NamedTuple):
@@ -164,7 +166,14 @@ def merge_labeled(
                         f"labeled by judge {_judge_text(row['judge'])}, but {judge_at} by {_judge_text(judge)}: "
                         "every part must come from the same judge (backend, model, template hash)",
                     )  # fmt: skip
-        missing = [i for i in expected if i not in where]
+        undecided = {
+            str(row["id"]): row
+            for part in parts
+            if undecided_path(part).exists()
+            for row in read_jsonl_dicts(undecided_path(part))
+            if str(row.get("id")) in wanted and str(row.get("id")) not in where
+        }
+        missing = [i for i in expected if i not in where and i not in undecided]
         if missing:
             raise _missing_error(pairs, missing, count, set(claims))
 
@@ -175,9 +184,13 @@ def merge_labeled(
                     yield row
 
         write_records(out, merged())
+        if undecided:
+            write_records(undecided_path(out), list(undecided.values()))
+        else:
+            undecided_path(out).unlink(missing_ok=True)
     return MergeResult(
         out=str(out), rows=len(where), parts=len(parts), judge=judge or {}, shards=count,
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - start, undecided=len(undecided),
     )  # fmt: skip
 
 

@@ -18,6 +18,7 @@ on; together they make its fingerprint (see manifest.py). Each stage's work is a
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +45,7 @@ from openrlaif.evaluation.human import import_labels
 from openrlaif.evaluation.report import build_report, check_reward_model
 from openrlaif.generation import GenerateConfig, generate
 from openrlaif.judges import JudgmentCache, build_judge
-from openrlaif.labeling import label_pairs, measure_alignment
+from openrlaif.labeling import label_pairs, measure_alignment, undecided_warning
 from openrlaif.models.loading import load_model_config, load_tokenizer
 from openrlaif.models.names import resolve_model_path
 from openrlaif.pipeline.config import PipelineConfig
@@ -248,7 +249,9 @@ def align_stage(config: PipelineConfig) -> Stage:
             str(pairs), config.judge, ctx.run_dir / "align.json", labels_out=ctx.run_dir / "align.labels.jsonl",
             seed=config.seed, cache=str(ctx.cache_path), show_progress=ctx.show_progress,
         ).metrics  # fmt: skip
-        return {k: metrics[k] for k in ("pairs", "alignment", "same_position_preferred") if k in metrics}
+        warn_undecided(metrics["job"]["undecided"], ctx.run_dir / "align.labels.jsonl")
+        summary = {k: metrics[k] for k in ("pairs", "alignment", "same_position_preferred") if k in metrics}
+        return summary | ({"undecided": metrics["job"]["undecided"]} if metrics["job"]["undecided"] else {})
 
     settings = {
         "dataset": data_fingerprint(spec.dataset),
@@ -355,6 +358,11 @@ def candidates_stage(config: PipelineConfig) -> Stage:
     return Stage("candidates", stage_of_model(config, spec.policy), settings, outputs, run, ["pairs.jsonl"])
 
 
+def warn_undecided(count: int, labels: Path) -> None:
+    if count:
+        print(undecided_warning(count, labels), file=sys.stderr, flush=True)
+
+
 def label_stage(config: PipelineConfig) -> Stage:
     human = config.feedback.human_labels
 
@@ -367,6 +375,9 @@ def label_stage(config: PipelineConfig) -> Stage:
         finally:
             judge.close()
         summary: dict[str, Any] = {"pairs": job.total, "cache_hits": job.cache_hits}
+        if job.undecided:  # left out of the labels the reward model / DPO learn from
+            summary["undecided"] = job.undecided
+            warn_undecided(job.undecided, out)
         if human:
             imported = import_labels(out, human, ctx.run_dir / "labeled.jsonl")
             summary["human_labels"] = imported.human
@@ -412,8 +423,6 @@ def reward_model_stage(config: PipelineConfig) -> Stage:
 def _say_reward_model_check(summary: dict[str, Any], ctx: Context) -> None:
     """Whether the reward model learned the labels, said as soon as it is known; a reward model
     that did not is said even with --quiet (the RL after it would follow noise)."""
-    import sys
-
     check = check_reward_model("rm", summary.get("eval/accuracy"), summary.get("eval/pairs"))
     if check is not None and (ctx.show_progress or not check.learned):
         print(("" if check.learned else "warning: ") + check.sentence(), file=sys.stderr, flush=True)
