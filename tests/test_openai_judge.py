@@ -732,6 +732,17 @@ def test_label_lists_undecided_pairs_apart_and_asks_for_them_again(
     assert len(merged.read_text().splitlines()) == len(labeled)
     assert f"warning: {len(listed)} row(s) undecided" in capsys.readouterr().err
 
+    # align: the alignment is over the decided pairs; the undecided ones are counted and listed
+    align = tmp_path / "align.json"
+    argv = ["align", "--dataset", str(pairs), "--judge", str(judge_file), "--out", str(align), "--quiet"]
+    assert main([*argv, "--cache", str(cache)]) == 0
+    metrics = json.loads(align.read_text())
+    assert (metrics["pairs"], metrics["job"]["undecided"]) == (3, 5)
+    assert metrics["job"]["readings"]["undecided"] >= 5
+    printed = capsys.readouterr()
+    assert "top tokens: " in printed.out and "warning: 5 row(s) undecided" in printed.err
+    assert (tmp_path / "align.labels.jsonl.undecided.jsonl").exists()
+
     server.ignore_logit_bias = False
     server.reset()
     assert main([*label, "--out", str(out)]) == 0

@@ -123,6 +123,7 @@ def cmd_align(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size, show_progress=not args.quiet,
     )  # fmt: skip
     print_alignment_table(result.metrics, f"AI labeler alignment: {args.judge} on {args.dataset}")
+    print_server_stats([], result.metrics["job"].get("readings"))
     print_undecided(result.metrics["job"]["undecided"], str(result.labels))
     if result.source_rows_skipped:
         print(f"{result.source_rows_skipped} source row(s) were not usable pairs and were skipped")

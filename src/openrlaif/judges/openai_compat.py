@@ -333,17 +333,17 @@ class OpenAIJudge(Judge):
         if not missing:
             return LabelReading(found, top)
         ids = await self._label_ids(labels, ending)
-        if ids is not None:
-            if not any(ids[label] for label in missing):  # e.g. a "10" split in two: read otherwise
-                return LabelReading(found, top)
+        if ids is not None and any(ids[label] for label in missing):
             try:
                 biased = await self._biased_read(prompt, labels, LabelReading(found, top), ids)
                 self.reads["biased"] += 1
                 return biased
             except LogitBiasIgnored as e:
                 why = str(e)
-        elif found and not need_all:
+        elif found and not need_all:  # the scale's other labels: ids unknown, or none (a "10" split in two)
             return LabelReading(found, top)
+        elif ids is not None:
+            why = f"{missing} have no single token to bias"
         elif self.config.label_bias == "off":
             why = "label_bias is off"
         else:

@@ -23,7 +23,7 @@ from openrlaif.data.lock import one_writer
 from openrlaif.data.records import LabeledPair
 from openrlaif.judges.reliability import argmax_agreement, prefers_longer, same_position_preferred
 from openrlaif.labeling.jobs import label_pairs, load_labeled
-from openrlaif.labeling.judge import open_judge
+from openrlaif.labeling.judge import open_judge, reading_stats
 
 
 def bootstrap_ci(
@@ -124,6 +124,7 @@ def measure_alignment(
             job = label_pairs(
                 read.records, opened, labels_path, chunk_size=chunk_size, show_progress=show_progress
             )
+            readings = reading_stats(opened)
         finally:
             opened.close()
     wanted = {p.id for p in read.records}
@@ -131,7 +132,7 @@ def measure_alignment(
     metrics = alignment_metrics(labeled, seed=seed)
     metrics.update(
         dataset=dataset, judge=judge, judge_identity=opened.identity("pair").to_dict(), labels=str(labels_path),
-        source_rows_skipped=len(read.skipped), job=job.to_dict(),
+        source_rows_skipped=len(read.skipped), job=job.to_dict() | ({"readings": readings} if readings else {}),
     )  # fmt: skip
     write_text_atomic(out, json.dumps(metrics, indent=2) + "\n")
     return AlignmentResult(metrics, out, labels_path, len(read.skipped))
