@@ -196,3 +196,20 @@ def test_a_deepspeed_config_on_cpu_is_refused_rather_than_run_as_ddp(monkeypatch
         "the accelerate config asks for DeepSpeed, which accelerate starts only on GPUs; on CPU processes "
         "use configs/accelerate/fsdp2.yaml (sharded like ZeRO-3) or configs/accelerate/ddp.yaml"
     )
+
+
+def test_a_reward_model_is_sharded_one_transformer_block_at_a_time(tiny_llama: Path) -> None:
+    """accelerate's FSDP2 wraps the classes a model names in `_no_split_modules`: a reward (or
+    value) model names its body's blocks, so each block is its own FSDP unit and a forward gathers
+    one block's weights at a time, not the whole model at once."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    from openrlaif.models.heads import ValueHeadModel
+
+    model = ValueHeadModel.from_pretrained(str(tiny_llama))
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
+    wraps = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    assert wraps is not None
+    wrapped = [type(m).__name__ for m in model.modules() if wraps(m)]
+    assert wrapped == ["LlamaDecoderLayer"] * model.config.num_hidden_layers

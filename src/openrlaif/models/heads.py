@@ -40,6 +40,8 @@ class ValueHeadModel(nn.Module):
         super().__init__()
         self.body = body
         self.config = body.config
+        # the body's transformer blocks: FSDP shards (and gathers) the model one block at a time
+        self._no_split_modules = list(getattr(body, "_no_split_modules", None) or [])
         self.value_head = nn.Linear(body.config.hidden_size, 1)
         nn.init.normal_(self.value_head.weight, std=getattr(body.config, "initializer_range", 0.02))
         nn.init.zeros_(self.value_head.bias)

@@ -39,16 +39,9 @@ class TrainedTogether(torch.nn.Module):
     def __init__(self, policy: torch.nn.Module, value_model: torch.nn.Module) -> None:
         super().__init__()
         self.policy, self.value_model = policy, value_model
-        blocks = {name for m in (policy, value_model) for name in _no_split_modules(m)}
+        blocks = {name for m in (policy, value_model) for name in getattr(m, "_no_split_modules", None) or []}
         # accelerate's TRANSFORMER_BASED_WRAP wraps every module whose class is named here
         self._no_split_modules = sorted(blocks | {type(policy).__name__, type(value_model).__name__})
-
-
-def _no_split_modules(model: torch.nn.Module) -> list[str]:
-    found = getattr(model, "_no_split_modules", None) or getattr(
-        getattr(model, "body", None), "_no_split_modules", None
-    )
-    return list(found or [])
 
 
 def prepare_trained(
