@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from openrlaif.cli.judge_args import add_judge_arguments, open_judge_from_args
-from openrlaif.cli.output import pct, print_server_stats
+from openrlaif.cli.output import pct, print_readings, print_server_stats
 from openrlaif.data.lock import one_writer
 from openrlaif.data.refs import prompt_records
 from openrlaif.evaluation.evaluate import EvalSettings, evaluate, prompts_from_responses, resolve_side
@@ -92,7 +92,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         summary, f"A: {summary['a']['name']} vs B: {summary['b']['name']}, judged by {args.judge}"
     )
     print(verdict(summary))
-    print_server_stats(server_stats(judge), reading_stats(judge))
+    print_server_stats(server_stats(judge))
+    print_readings(reading_stats(judge))
     print(f"summary -> {args.out}/eval.json; per prompt -> {args.out}/samples.jsonl")
     return 0
 

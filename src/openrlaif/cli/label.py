@@ -12,7 +12,7 @@ from rich.table import Table
 
 from openrlaif.cards import describe_data, write_dataset_card
 from openrlaif.cli.judge_args import add_judge_arguments, open_judge_from_args
-from openrlaif.cli.output import pct, print_server_stats, print_undecided
+from openrlaif.cli.output import pct, print_readings, print_server_stats
 from openrlaif.data.io import ReadResult, read_pairs, read_responses
 from openrlaif.data.lock import one_writer
 from openrlaif.labeling import (
@@ -20,6 +20,7 @@ from openrlaif.labeling import (
     label_pairs,
     measure_alignment,
     parse_shard,
+    print_undecided,
     reading_stats,
     score_responses,
     server_stats,
@@ -98,7 +99,8 @@ def _judge_file(
         f"{what}: {result.total} rows -> {result.out} ({result.written} new, {result.resumed} already done); "
         f"judgments: {result.cache_hits} from cache, {result.cache_misses} computed; {result.seconds:.1f}s"
     )
-    print_server_stats(server_stats(judge), reading_stats(judge))
+    print_server_stats(server_stats(judge))
+    print_readings(reading_stats(judge))
     print_undecided(result.undecided, result.out)
     return 0
 
@@ -123,7 +125,7 @@ def cmd_align(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size, show_progress=not args.quiet,
     )  # fmt: skip
     print_alignment_table(result.metrics, f"AI labeler alignment: {args.judge} on {args.dataset}")
-    print_server_stats([], result.metrics["job"].get("readings"))
+    print_readings(result.metrics["job"].get("readings"))
     print_undecided(result.metrics["job"]["undecided"], str(result.labels))
     if result.source_rows_skipped:
         print(f"{result.source_rows_skipped} source row(s) were not usable pairs and were skipped")

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from openrlaif.cli.output import print_undecided
 from openrlaif.judges.cache import JudgmentCache
-from openrlaif.labeling import merge_labeled
+from openrlaif.labeling import merge_labeled, print_undecided
 
 
 def add_merge_arguments(p: argparse.ArgumentParser) -> None:

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
-from openrlaif.labeling.jobs import undecided_warning
 from openrlaif.labeling.judge import READINGS
 
 
@@ -15,19 +12,15 @@ def pct(x: float | None) -> str:
     return "n/a" if x is None or x != x else f"{100 * x:.1f}%"
 
 
-def print_server_stats(
-    servers: list[tuple[str, dict[str, Any]]], readings: dict[str, int] | None = None
-) -> None:
-    """One line per HTTP server used: requests, retries, failures; then, when any judgment needed
-    more than the top tokens, how its labels were read (labeling/judge.READINGS)."""
+def print_server_stats(servers: list[tuple[str, dict[str, Any]]]) -> None:
+    """One line per HTTP server used: requests, retries, failures."""
     for url, st in servers:
         print(f"  {url}: {st['requests']} requests, {st['retries']} retries, {st['failures']} failures")
+
+
+def print_readings(readings: dict[str, int] | None) -> None:
+    """When any judgment needed more than the top tokens, how its labels were read
+    (labeling/judge.READINGS); nothing otherwise."""
     if readings and any(readings.values()):
         shown = ", ".join(f"{readings[key]} {text}" for key, text in READINGS.items() if readings.get(key))
         print(f"  judgments whose labels were not all among the top tokens: {shown}")
-
-
-def print_undecided(count: int, out: str | Path) -> None:
-    """One warning line on stderr when a labeling job left rows undecided."""
-    if count:
-        print(undecided_warning(count, out), file=sys.stderr)

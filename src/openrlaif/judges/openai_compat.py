@@ -230,17 +230,14 @@ class OpenAIJudge(Judge):
         self._ids: dict[tuple[tuple[str, ...], str], dict[str, list[int]] | None] = {}  # `_label_ids`
         self._finding: dict[tuple[tuple[str, ...], str], asyncio.Future[dict[str, list[int]] | None]] = {}
         # How the labels were read when some were not among the top tokens (`stats`).
-        self.reads = {"biased": 0, "widened": 0, "bounded": 0, "undecided": 0}
+        self.reads = {"biased_reads": 0, "widened_reads": 0, "bounded_reads": 0, "undecided": 0}
 
     def stats(self) -> dict[str, Any]:
         """Requests, retries and failures in total and per base URL; the readings that needed more
         than the top tokens: with logit_bias (`biased_reads`), with fallback_top_logprobs
         (`widened_reads`), a pairwise label bounded by the last returned token (`bounded_reads`),
         and those left `undecided`."""
-        return self.client.stats() | {
-            "biased_reads": self.reads["biased"], "widened_reads": self.reads["widened"],
-            "bounded_reads": self.reads["bounded"], "undecided": self.reads["undecided"],
-        }  # fmt: skip
+        return self.client.stats() | self.reads
 
     def close(self) -> None:
         """Close the HTTP connections and stop the event-loop thread (restarted if used again)."""
@@ -317,7 +314,7 @@ class OpenAIJudge(Judge):
                 f"next tokens, and {reading.why}"
             )
         if reading.why:
-            self.reads["bounded"] += 1
+            self.reads["bounded_reads"] += 1
         return OrderJudgment(p_first=bounded_soft_label(reading.found, reading.top, t.labels))
 
     async def _read_labels(
@@ -336,7 +333,7 @@ class OpenAIJudge(Judge):
         if ids is not None and any(ids[label] for label in missing):
             try:
                 biased = await self._biased_read(prompt, labels, LabelReading(found, top), ids)
-                self.reads["biased"] += 1
+                self.reads["biased_reads"] += 1
                 return biased
             except LogitBiasIgnored as e:
                 why = str(e)
@@ -350,7 +347,7 @@ class OpenAIJudge(Judge):
             why = "their token ids are unknown (no `tokenizer` set, and the server has no tokenize endpoint)"
         wider = self.config.fallback_top_logprobs
         if wider is not None:
-            self.reads["widened"] += 1
+            self.reads["widened_reads"] += 1
             top = await self._next_token(prompt, top=wider)
             found = label_logprobs(top, labels)
             why += f"; not among the {wider} most likely either (fallback_top_logprobs)"

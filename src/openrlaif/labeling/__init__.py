@@ -25,9 +25,9 @@ from openrlaif.labeling.jobs import (
     label_pairs,
     load_labeled,
     parse_labeled,
+    print_undecided,
     score_responses,
     undecided_path,
-    undecided_warning,
 )
 from openrlaif.labeling.judge import open_judge, reading_stats, server_stats
 from openrlaif.labeling.merge import MergeResult, merge_labeled
@@ -50,12 +50,12 @@ __all__ = [
     "parse_labeled",
     "parse_shard",
     "preferred_slot",
-    "reading_stats",
     "prefers_longer",
+    "print_undecided",
+    "reading_stats",
     "same_position_preferred",
     "score_responses",
     "server_stats",
     "shard_of",
     "undecided_path",
-    "undecided_warning",
 ]

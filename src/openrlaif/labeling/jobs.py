@@ -14,6 +14,7 @@ cached); one decided then leaves the list, and an empty list removes the file.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -66,13 +67,16 @@ def undecided_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".undecided.jsonl")
 
 
-def undecided_warning(count: int, out: str | Path) -> str:
-    """The line that says a job left `count` rows of `out` undecided."""
-    return (
-        f"warning: {count} row(s) undecided: the judge could not read their labels; listed with the reason in "
-        f"{undecided_path(out)}, not in {out}. Labeling again asks for them again (set `tokenizer` or "
-        'fallback_top_logprobs first: README, "Labels outside top_logprobs")'
-    )
+def print_undecided(count: int, out: str | Path) -> None:
+    """One warning line on stderr when a job left `count` rows of `out` undecided (none when 0)."""
+    if count:
+        print(
+            f"warning: {count} row(s) undecided: the judge could not read their labels; listed with the reason "
+            f"in {undecided_path(out)}, not in {out}. Labeling again asks for them again (set `tokenizer` or "
+            'fallback_top_logprobs first: README, "Labels outside top_logprobs")',
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 class UndecidedList:

@@ -32,8 +32,9 @@ def reading_stats(judge: Judge) -> dict[str, int]:
     totals: dict[str, int] = {}
     for member in [judge, *getattr(judge, "members", [])]:
         if hasattr(member, "stats"):
+            stats = member.stats()
             for key in READINGS:
-                totals[key] = totals.get(key, 0) + int(member.stats().get(key, 0))
+                totals[key] = totals.get(key, 0) + int(stats.get(key, 0))
     return totals
 
 

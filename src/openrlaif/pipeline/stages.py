@@ -45,7 +45,7 @@ from openrlaif.evaluation.human import import_labels
 from openrlaif.evaluation.report import build_report, check_reward_model
 from openrlaif.generation import GenerateConfig, generate
 from openrlaif.judges import JudgmentCache, build_judge
-from openrlaif.labeling import label_pairs, measure_alignment, undecided_warning
+from openrlaif.labeling import label_pairs, measure_alignment, print_undecided
 from openrlaif.models.loading import load_model_config, load_tokenizer
 from openrlaif.models.names import resolve_model_path
 from openrlaif.pipeline.config import PipelineConfig
@@ -249,7 +249,7 @@ def align_stage(config: PipelineConfig) -> Stage:
             str(pairs), config.judge, ctx.run_dir / "align.json", labels_out=ctx.run_dir / "align.labels.jsonl",
             seed=config.seed, cache=str(ctx.cache_path), show_progress=ctx.show_progress,
         ).metrics  # fmt: skip
-        warn_undecided(metrics["job"]["undecided"], ctx.run_dir / "align.labels.jsonl")
+        print_undecided(metrics["job"]["undecided"], ctx.run_dir / "align.labels.jsonl")
         summary = {k: metrics[k] for k in ("pairs", "alignment", "same_position_preferred") if k in metrics}
         return summary | ({"undecided": metrics["job"]["undecided"]} if metrics["job"]["undecided"] else {})
 
@@ -358,11 +358,6 @@ def candidates_stage(config: PipelineConfig) -> Stage:
     return Stage("candidates", stage_of_model(config, spec.policy), settings, outputs, run, ["pairs.jsonl"])
 
 
-def warn_undecided(count: int, labels: Path) -> None:
-    if count:
-        print(undecided_warning(count, labels), file=sys.stderr, flush=True)
-
-
 def label_stage(config: PipelineConfig) -> Stage:
     human = config.feedback.human_labels
 
@@ -377,7 +372,7 @@ def label_stage(config: PipelineConfig) -> Stage:
         summary: dict[str, Any] = {"pairs": job.total, "cache_hits": job.cache_hits}
         if job.undecided:  # left out of the labels the reward model / DPO learn from
             summary["undecided"] = job.undecided
-            warn_undecided(job.undecided, out)
+            print_undecided(job.undecided, out)
         if human:
             imported = import_labels(out, human, ctx.run_dir / "labeled.jsonl")
             summary["human_labels"] = imported.human
