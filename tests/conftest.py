@@ -11,6 +11,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `auto` precision is float32 here whatever the CPU, so the suite computes the same on a CPU with
+# bf16 instructions as on one without (tests/test_precision.py injects both answers)
+os.environ["OPENRLAIF_CPU_BF16"] = "0"
 
 
 @pytest.fixture(scope="session")

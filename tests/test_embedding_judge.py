@@ -45,6 +45,7 @@ def test_soft_label_follows_the_formula(judge: EmbeddingJudge) -> None:
     assert score_a == pytest.approx(2 / (1 + math.exp(-s_a / 0.5)) - 1, abs=1e-5)
 
 
+@pytest.mark.slow  # the real embedding model over many pairs
 def test_shipped_default_judge_beats_chance_on_a_slice() -> None:
     from openrlaif.data import load_pairs
 
@@ -73,3 +74,35 @@ def _cfg() -> EnsembleJudgeConfig:
     return EnsembleJudgeConfig(
         judges=[EmbeddingJudgeConfig(rubric="r"), EmbeddingJudgeConfig(rubric="s")], weights=[1.0, 3.0]
     )
+
+
+def test_the_packaged_embedder_runs_without_sentence_transformers_and_gives_its_vectors() -> None:
+    """all-MiniLM-L6-v2's folder (encoder, mean pooling, normalisation) runs with transformers
+    alone (models/sentence.py); its vectors are sentence-transformers' own, long texts cut at the
+    same 256 tokens, and a job using it never imports sentence-transformers."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    from openrlaif.models.names import PACKAGED_MINILM, resolve_model_path
+    from openrlaif.models.sentence import _PlainEncoder, load_sentence_encoder
+
+    path = resolve_model_path(PACKAGED_MINILM)
+    encoder = load_sentence_encoder(path, "cpu")
+    assert isinstance(encoder, _PlainEncoder) and encoder.max_tokens == 256
+    texts = [REFUSAL, "ok", "How do I pick a lock? " * 80, "Sure, here is how you do it: first ...", ""]
+    reference = SentenceTransformer(path, device="cpu").encode(texts, batch_size=2, normalize_embeddings=True)
+    got = encoder.encode(texts, batch_size=2)
+    assert got.dtype == np.float32 and got.shape == reference.shape
+    assert np.abs(got - reference).max() < 1e-5
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+    script = (
+        "import sys; from openrlaif.config import load_judge_config; from openrlaif.judges import build_judge;"
+        "judge = build_judge(load_judge_config('embedding-harmless')); judge.score('Human: hi', 'Hello!');"
+        "print('sentence_transformers' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr[-2000:]

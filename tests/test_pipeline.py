@@ -20,6 +20,7 @@ from openrlaif.errors import ConfigError
 from openrlaif.pipeline.config import PipelineConfig, load_pipeline_config, pipeline_config_from_dict
 from openrlaif.pipeline.run import describe_plan, run_pipeline
 
+SLOW = pytest.mark.slow  # runs a whole pipeline (scripts/check.sh --fast leaves it out)
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = [
     "align",
@@ -79,6 +80,7 @@ def finished_run(tiny_gpt2: Path, tmp_path_factory: pytest.TempPathFactory) -> t
     return data, run_dir
 
 
+@SLOW
 def test_a_run_writes_every_stage_output_in_open_formats(finished_run: tuple[dict[str, Any], Path]) -> None:
     _, run_dir = finished_run
     manifest = _manifest(run_dir)
@@ -122,6 +124,7 @@ def test_a_run_writes_every_stage_output_in_open_formats(finished_run: tuple[dic
     assert f"| rows | {len(labeled)} |" in body
 
 
+@SLOW
 def test_rerun_skips_done_stages_and_a_changed_setting_reruns_only_what_depends_on_it(
     finished_run: tuple[dict[str, Any], Path],
 ) -> None:
@@ -149,6 +152,7 @@ def test_rerun_skips_done_stages_and_a_changed_setting_reruns_only_what_depends_
     assert json.loads((run_dir / "eval/rlaif-vs-sft/eval.json").read_text())["win_rate"]["n"] == 4
 
 
+@SLOW
 def test_a_pipeline_killed_mid_stage_resumes_that_stage_and_ends_like_an_uninterrupted_run(
     finished_run: tuple[dict[str, Any], Path], tmp_path: Path
 ) -> None:
@@ -183,6 +187,7 @@ def test_a_pipeline_killed_mid_stage_resumes_that_stage_and_ends_like_an_uninter
     assert _digest(tmp_path / "run/rlaif/model") == digests["rlaif"]
 
 
+@SLOW
 def test_human_labels_override_the_ai_labels_and_rerun_only_what_learns_from_them(
     finished_run: tuple[dict[str, Any], Path], tmp_path: Path
 ) -> None:
@@ -298,6 +303,7 @@ def shrunk(config: PipelineConfig, run_dir: Path) -> dict[str, Any]:
     return data
 
 
+@SLOW
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml")))
 def test_shipped_experiment_templates_run_end_to_end_on_the_tiny_models(name: str, tmp_path: Path) -> None:
     config = load_pipeline_config(ROOT / "experiments" / f"{name}.yaml")
@@ -331,6 +337,7 @@ def _align_only(tmp_path: Path) -> tuple[Path, Path]:
     return experiment, run_dir
 
 
+@SLOW
 def test_a_second_pipeline_on_the_same_run_directory_is_refused_and_the_first_finishes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -353,6 +360,7 @@ def test_a_second_pipeline_on_the_same_run_directory_is_refused_and_the_first_fi
     assert not list(tmp_path.rglob("*.lock"))
 
 
+@SLOW
 def test_a_full_disk_in_the_run_directory_is_one_line_and_the_run_resumes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
+
+pytestmark = pytest.mark.slow  # the whole quickstart (scripts/check.sh --fast leaves it out)
 
 STAGES = [
     "align",

@@ -203,6 +203,7 @@ def _run_chromium(tmp: Path, page: Path, *args: str) -> subprocess.CompletedProc
     return done
 
 
+@pytest.mark.slow  # a browser
 def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     run = make_run(tmp_path / "run")
     path = build_report(run)

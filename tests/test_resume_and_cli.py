@@ -35,8 +35,9 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow  # several processes
 def test_sigkill_mid_job_then_resume_loses_nothing_and_duplicates_nothing(tmp_path: Path) -> None:
-    n = 160
+    n = 64
     pairs = _pairs_file(tmp_path / "pairs.jsonl", n)
     out, cache = tmp_path / "labeled.jsonl", tmp_path / "cache.sqlite3"
     env = {**os.environ, "OPENRLAIF_CACHE": str(cache)}
@@ -217,6 +218,7 @@ def _ids(path: Path) -> list[str]:
     return [json.loads(line)["id"] for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow  # several processes
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
 def test_a_second_job_on_the_same_output_is_refused_and_the_first_finishes_intact(
     suffix: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -238,6 +240,7 @@ def test_a_second_job_on_the_same_output_is_refused_and_the_first_finishes_intac
     assert not [p for p in tmp_path.iterdir() if p.name.endswith((".lock", ".tmp", ".partial.jsonl"))]
 
 
+@pytest.mark.slow  # several processes
 @pytest.mark.parametrize("disk", ["tmpfs", "injected"])
 def test_a_full_disk_is_one_line_keeps_the_rows_written_and_the_same_command_resumes(
     disk: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch

@@ -21,6 +21,8 @@ from training_toys import preference_rows, sft_rows, untrained_reward_model, wri
 
 from openrlaif.training.checkpoint import weights_digest
 
+pytestmark = pytest.mark.slow  # several processes (scripts/check.sh --fast leaves it out)
+
 WORKER = Path(__file__).with_name("ddp_worker.py")
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 

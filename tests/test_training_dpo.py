@@ -163,6 +163,7 @@ def _config_file(tmp_path: Path, name: str, **settings: Any) -> Path:
     return path
 
 
+@pytest.mark.slow  # several processes
 def test_sigkill_then_resume_reuses_reference_logprobs_and_ends_with_uninterrupted_weights(
     tiny_gpt2: Path, pref_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -391,6 +391,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+@pytest.mark.slow  # several processes
 @pytest.mark.parametrize("algorithm", ["sft", "rm"])
 def test_sigkill_then_resume_ends_with_the_weights_of_an_uninterrupted_run(
     algorithm: str, tiny_gpt2: Path, sft_data: Path, pref_data: Path, tmp_path: Path
@@ -460,6 +461,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     assert all(torch.isfinite(t).all() for t in weights.values())
 
 
+@pytest.mark.slow  # several processes
 def test_a_second_run_on_the_same_output_dir_is_refused_and_the_first_finishes_intact(
     tiny_gpt2: Path, sft_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -213,7 +213,8 @@ class EmbeddingJudgeConfig(StrictModel):
     anti_rubric: str | None = None
     prompt_weight: float = 0.0  # >0: penalise responses that echo the request
     temperature: float = Field(0.05, gt=0.0)  # of the logistic on the score difference
-    dtype: Literal["float32", "bfloat16"] = "bfloat16"  # bf16 autocast: ~3.5x faster on CPU
+    # bf16 autocast or none; auto: bf16 where the hardware runs it natively (models/precision.py)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     batch_size: int = Field(64, ge=1)
     device: str = "cpu"
 
@@ -309,6 +310,8 @@ def load_judge_config(name_or_path: str) -> JudgeConfig:
     """A shipped judge by name (see `openrlaif judges`) or a YAML file with the judge's settings."""
     path = resolve_judge_path(name_or_path)
     config = judge_config_from_dict(read_yaml(path), str(path))
+    if config.name is None:  # how jobs name it in their output ("judge embedding-harmless: ...")
+        config.name = path.stem
     if isinstance(config, EnsembleJudgeConfig):  # members may be given as names/paths
         members = []
         for member in config.judges:

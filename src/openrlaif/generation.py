@@ -15,10 +15,11 @@ only the new ones. `pairs_out` writes pairs of distinct responses per prompt, re
 
 from __future__ import annotations
 
+import functools
 import itertools
 import random
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,7 +34,8 @@ from openrlaif.data.records import PromptRecord, prompt_json, response_from_json
 from openrlaif.errors import ConfigError
 from openrlaif.inference.local import eos_token_ids, finish_reason, iter_samples, prepare_rows, sample_seed
 from openrlaif.inference.server import ServerConfig, ServerSampler
-from openrlaif.models.loading import load_causal_lm, resolve_device, resolve_dtype
+from openrlaif.models.loading import load_causal_lm, resolve_device
+from openrlaif.models.precision import choose_precision
 
 PACKAGED_GENERATE_DIR = Path(__file__).parent / "configs" / "generate"
 
@@ -57,7 +59,8 @@ class GenerateConfig(StrictModel):
     # In process only:
     batch_size: int = Field(default=16, ge=1)  # sequences per generate call
     chat_template: Literal["auto", "on", "off"] = "auto"  # "auto": use it when the tokenizer has one
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on a GPU, else fp32
+    # the weights' dtype; auto: bf16 where the hardware runs it natively, else float32 (models/precision.py)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"  # "auto" = cuda when available, else cpu
     revision: str | None = None
     trust_remote_code: bool = False
@@ -154,7 +157,12 @@ def generate(config: GenerateConfig, show_progress: bool = True) -> GenerateResu
                 task = progress.add_task(
                     f"sampling {config.policy_name}", total=result.samples, completed=result.resumed
                 )
-                for rows in _server_rows(server, config, todo) if server else _local_rows(config, todo):
+                say = (
+                    functools.partial(progress.console.print, highlight=False, soft_wrap=True)
+                    if show_progress
+                    else None
+                )
+                for rows in _server_rows(server, config, todo) if server else _local_rows(config, todo, say):
                     appender.write(rows)
                     progress.advance(task, len(rows))
         finally:
@@ -205,13 +213,16 @@ def _server_rows(
 
 
 def _local_rows(
-    config: GenerateConfig, todo: list[tuple[PromptRecord, int]]
+    config: GenerateConfig, todo: list[tuple[PromptRecord, int]], say: Callable[[str], Any] | None = None
 ) -> Iterator[list[dict[str, Any]]]:
+    """The samples of `todo` from the policy loaded in this process; `say` prints where it runs."""
     if not todo:  # nothing missing: do not even load the model
         return
-    device = resolve_device(config.device)
+    precision = choose_precision(config.dtype, resolve_device(config.device))
+    if say is not None:
+        say(f"sampling {config.policy_name}: {precision.line()}")
     tokenizer, model = load_causal_lm(
-        config.policy_name, device, resolve_dtype(config.dtype, device), config.revision,
+        config.policy_name, precision.device, precision.dtype, config.revision,
         config.trust_remote_code, what="generate", setting="policy",
     )  # fmt: skip
     eos = eos_token_ids(model, tokenizer)

@@ -87,33 +87,51 @@ def log_length_ratio(len_a: Sequence[int], len_b: Sequence[int]) -> np.ndarray:
 def fit_logistic(x: np.ndarray, y: np.ndarray, max_iter: int = 100) -> tuple[float, float]:
     """(β0, β1) maximising Σ y·log σ(β0 + β1 x) + (1 - y)·log σ(-(β0 + β1 x)) - RIDGE/2·|β|²,
     with y in [0, 1] (fractional targets): Newton's method with step halving."""
-    design = np.stack([np.ones_like(x), x], axis=1)
-    beta = np.zeros(2)
-
-    def objective(b: np.ndarray) -> float:
-        z = design @ b
-        # log σ(z) = -log(1 + e^-z), computed stably with logaddexp
-        return float(-(y * np.logaddexp(0, -z) + (1 - y) * np.logaddexp(0, z)).sum() - RIDGE / 2 * b @ b)
-
-    current = objective(beta)
-    for _ in range(max_iter):
-        p = 1.0 / (1.0 + np.exp(-(design @ beta)))
-        gradient = design.T @ (y - p) - RIDGE * beta
-        hessian = design.T @ (design * (p * (1 - p))[:, None]) + RIDGE * np.eye(2)
-        step = np.linalg.solve(hessian, gradient)
-        size = 1.0
-        while size > 1e-10:  # halve the step until the objective does not get worse
-            value = objective(beta + size * step)
-            if value >= current - 1e-12:
-                break
-            size /= 2
-        else:
-            break  # no step helps: at the optimum up to rounding
-        beta = beta + size * step
-        improvement, current = value - current, value
-        if np.abs(size * step).max() < 1e-10 or abs(improvement) < 1e-14:
-            break
+    beta = fit_logistic_many(x[None], y[None], max_iter)[0]
     return float(beta[0]), float(beta[1])
+
+
+def fit_logistic_many(x: np.ndarray, y: np.ndarray, max_iter: int = 100) -> np.ndarray:
+    """`fit_logistic` of each row of x, y (R, n) at once (a bootstrap's resamples): (R, 2). Each
+    row takes its own Newton steps and halvings, and stops on its own."""
+    rows = np.arange(len(x))
+
+    def objective(b: np.ndarray, r: np.ndarray) -> np.ndarray:
+        z = b[:, :1] + b[:, 1:] * x[r]
+        # log σ(z) = -log(1 + e^-z), computed stably with logaddexp
+        log_lik = -(y[r] * np.logaddexp(0, -z) + (1 - y[r]) * np.logaddexp(0, z)).sum(1)
+        return log_lik - RIDGE / 2 * (b * b).sum(1)
+
+    beta = np.zeros((len(x), 2))
+    current = objective(beta, rows)
+    active = rows
+    for _ in range(max_iter):
+        if not len(active):
+            break
+        b, xa, ya = beta[active], x[active], y[active]
+        p = 1.0 / (1.0 + np.exp(-(b[:, :1] + b[:, 1:] * xa)))
+        w = p * (1 - p)
+        gradient = np.stack([(ya - p).sum(1), ((ya - p) * xa).sum(1)], 1) - RIDGE * b
+        hessian = np.empty((len(active), 2, 2))
+        hessian[:, 0, 0] = w.sum(1) + RIDGE
+        hessian[:, 0, 1] = hessian[:, 1, 0] = (w * xa).sum(1)
+        hessian[:, 1, 1] = (w * xa * xa).sum(1) + RIDGE
+        step = np.linalg.solve(hessian, gradient[:, :, None])[:, :, 0]
+        size = np.ones(len(active))
+        value = objective(b + step, active)
+        worse = value < current[active] - 1e-12
+        while worse.any():  # halve the step until the objective does not get worse
+            size[worse] /= 2
+            value[worse] = objective(b[worse] + size[worse, None] * step[worse], active[worse])
+            worse = (value < current[active] - 1e-12) & (size > 1e-10)
+        helped = value >= current[active] - 1e-12  # no step helps: at the optimum up to rounding
+        moved = size[:, None] * step
+        beta[active[helped]] = b[helped] + moved[helped]
+        improvement = value - current[active]
+        current[active[helped]] = value[helped]
+        going = helped & (np.abs(moved).max(1) >= 1e-10) & (np.abs(improvement) >= 1e-14)
+        active = active[going]
+    return beta
 
 
 def _sigmoid(z: float) -> float:
@@ -148,11 +166,8 @@ def length_controlled_win_rate(
     b0, b1 = fit_logistic(x, y)
     ci = None
     if len(y) >= 2 and n_resamples > 0:
-        rng = np.random.default_rng(seed)
-        values = []
-        for _ in range(n_resamples):
-            idx = rng.integers(0, len(y), size=len(y))
-            values.append(_sigmoid(fit_logistic(x[idx], y[idx])[0]))
+        idx = np.random.default_rng(seed).integers(0, len(y), size=(n_resamples, len(y)))
+        values = 1.0 / (1.0 + np.exp(-fit_logistic_many(x[idx], y[idx])[:, 0]))
         tail = (1.0 - level) / 2.0
         ci = (float(np.quantile(values, tail)), float(np.quantile(values, 1.0 - tail)))
     return LengthControlled(_sigmoid(b0), ci, b1, b0)

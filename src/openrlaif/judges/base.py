@@ -174,6 +174,11 @@ class Judge(ABC):
         canonical = json.dumps(self.fingerprint(kind), sort_keys=True).encode()
         return hashlib.sha256(canonical).hexdigest()[:12]
 
+    def runs_on(self) -> list[str]:
+        """Where this judge's models run, one line each (`models.precision`: device, precision and
+        why, threads), for a job to print at its start; empty for a judge that asks a server."""
+        return []
+
     def identity(self, kind: str = "pair") -> JudgeIdentity:
         return JudgeIdentity(
             backend=self.backend, model=self.model_name, template_hash=self.template_hash(kind)

@@ -35,6 +35,9 @@ class EnsembleJudge(Judge):
     def model_name(self) -> str:
         return "+".join(m.model_name for m in self.members)
 
+    def runs_on(self) -> list[str]:
+        return [line for m in self.members for line in m.runs_on()]
+
     def fingerprint(self, kind: str) -> dict[str, Any]:
         return {
             "backend": self.backend,

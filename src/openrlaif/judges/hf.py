@@ -52,7 +52,9 @@ from openrlaif.models.kv import (
     output_cache,
     position_masks,
 )
-from openrlaif.models.loading import load_causal_lm, local_weights_stamp, resolve_device, resolve_dtype
+from openrlaif.models.loading import load_causal_lm, local_weights_stamp, resolve_device
+from openrlaif.models.logprobs import HeadInput, lm_forward
+from openrlaif.models.precision import choose_precision
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +97,8 @@ class HFJudge(Judge):
             config.template, config.principles, config.principles_per_judgment, config.seed
         )
         self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.precision = choose_precision(config.dtype, self.device)  # the weights' dtype
+        self.dtype = self.precision.dtype
         self.tokenizer, self.model = self._load()
         self.truncated = 0  # items whose prompt was cut to fit max_length, over the judge's life
         self.use_chat = self._resolve_chat_template()
@@ -174,6 +177,9 @@ class HFJudge(Judge):
     @property
     def model_name(self) -> str:
         return self.config.model
+
+    def runs_on(self) -> list[str]:
+        return [f"judge {self.config.name or self.backend} ({self.config.model}): {self.precision.line()}"]
 
     def template_hash(self, kind: str) -> str:
         if kind == "pair":
@@ -426,12 +432,14 @@ class HFJudge(Judge):
         """Run the model and return [B, n_last, V] float32 log-probs at `positions` [B, n_last]."""
         if self._keeps_logits:  # project only the positions read onto the (large) vocabulary
             keep = torch.unique(positions)
-            logits = self.model(**inputs, logits_to_keep=keep).logits
+            _, logits = lm_forward(self.model, **inputs, logits_to_keep=keep)
             index = torch.searchsorted(keep, positions)
-        else:
-            logits = self.model(**inputs).logits
+        else:  # the head projects only the positions read all the same, where it is a plain one
+            _, logits = lm_forward(self.model, **inputs)
             index = positions
         picked = logits[torch.arange(len(positions), device=self.device)[:, None], index]
+        if isinstance(picked, HeadInput):
+            picked = picked.project()
         return picked.float().log_softmax(dim=-1)
 
     def _right_pad(self, rows: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -130,6 +130,9 @@ def _run_job(
             columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                        TimeRemainingColumn())  # fmt: skip
             with Progress(*columns, disable=not show_progress, transient=True) as progress:
+                if todo and show_progress:
+                    for line in judge.runs_on():
+                        progress.console.print(line, highlight=False, soft_wrap=True)
                 task = progress.add_task(description, total=len(records), completed=resumed)
                 for chunk in _chunks(todo, chunk_size):
                     rows = process(chunk)

@@ -16,11 +16,15 @@ into the converted folder.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
 import shutil
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -37,6 +41,46 @@ def file_stamp(path: Path) -> str:
     """A short hash of a file's resolved path, size and modification time: a changed file converts anew."""
     st = path.stat()
     return hashlib.sha256(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:12]
+
+
+def _in_memory_reader(path: Path, reader_class: Any = None) -> Any:
+    """`gguf.GGUFReader` over the file read into memory. The reader parses every metadata field
+    element by element (Gemma's 262,144-token vocabulary: millions of small reads); from a memory
+    map each read costs several times more than from memory."""
+    import gguf  # why: an optional package, only for GGUF models
+    import numpy as np
+
+    memmap = np.memmap
+    np.memmap = lambda name, mode="r": np.fromfile(name, dtype=np.uint8)  # type: ignore[assignment,misc]
+    try:
+        return (reader_class or gguf.GGUFReader)(path)
+    finally:
+        np.memmap = memmap  # type: ignore[misc]
+
+
+@contextlib.contextmanager
+def _one_reader(path: Path) -> Iterator[None]:
+    """Within: `gguf.GGUFReader(path)` is one in-memory reader of the file. transformers makes a
+    reader for the config, another for the tokenizer and another for the weights, each parsing
+    the whole metadata again: most of a conversion's time."""
+    import gguf  # why: an optional package, only for GGUF models
+
+    package: Any = gguf
+    original = package.GGUFReader
+    readers: dict[str, Any] = {}
+
+    def reader(file: Any, mode: Any = "r") -> Any:
+        if Path(file).resolve() != path.resolve() or mode != "r":
+            return original(file, mode)
+        if "it" not in readers:
+            readers["it"] = _in_memory_reader(path, original)
+        return readers["it"]
+
+    package.GGUFReader = reader
+    try:
+        yield
+    finally:
+        package.GGUFReader = original
 
 
 def convert_gguf(gguf: Path, out: Path, extra_files: list[Path] | None = None) -> Path:
@@ -56,10 +100,11 @@ def convert_gguf(gguf: Path, out: Path, extra_files: list[Path] | None = None) -
     tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model: Any = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-        )
+        with _one_reader(gguf):
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model: Any = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            )
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ConfigError(f"model: cannot read {gguf} as a GGUF model ({str(e).splitlines()[0]})") from None
     # The weights are dequantised now; saved as they are, they are an ordinary float32 model.
@@ -115,6 +160,44 @@ _PLAIN_ARCHS = ("qwen2", "qwen3", "phi3", "gemma3", "gemma2", "mistral", "starco
 _NORM_PLUS_ONE = ("gemma2", "gemma3")
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """What `write_gguf` takes from the GGUF file it writes like: the architecture, the block
+    count, the tensors (name, shape as transformers has it) in the file's order, and the metadata
+    fields to copy (name, contents, value type, array element type)."""
+
+    arch: str
+    blocks: int
+    tensors: tuple[tuple[str, tuple[int, ...]], ...]
+    fields: tuple[tuple[str, Any, Any, Any], ...]
+
+
+@functools.lru_cache(maxsize=2)  # RL writes the policy like the same file before every step
+def _layout(path: str, stamp: str) -> _Layout:
+    """The layout of the GGUF file at `path` (`stamp`: its size and modification time)."""
+    import gguf  # why: an optional package, only for GGUF models
+
+    reader = _in_memory_reader(Path(path))
+    arch = str(reader.get_field(gguf.Keys.General.ARCHITECTURE).contents())
+    fields = []
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name in (
+            gguf.Keys.General.ARCHITECTURE,
+            gguf.Keys.General.FILE_TYPE,
+        ):
+            continue
+        value_type = field.types[0]
+        sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
+        fields.append((field.name, field.contents(), value_type, sub_type))
+    block_count = reader.get_field(f"{arch}.block_count")
+    return _Layout(
+        arch=arch,
+        blocks=int(block_count.contents()) if block_count is not None else 0,
+        tensors=tuple((t.name, tuple(int(d) for d in reversed(t.shape.tolist()))) for t in reader.tensors),
+        fields=tuple(fields),
+    )
+
+
 def write_gguf(model_folder: Path, like: Path, out: Path, tensor_type: str = "f16") -> Path:
     """The causal LM in `model_folder` (a transformers folder of a model read from the GGUF file
     `like`, e.g. a policy trained from it) written as a GGUF file at `out` that llama.cpp serves:
@@ -125,16 +208,15 @@ def write_gguf(model_folder: Path, like: Path, out: Path, tensor_type: str = "f1
     import numpy as np
     from safetensors import safe_open  # why: reads the folder's tensors one by one
 
-    reader = gguf.GGUFReader(like)
-    arch = str(reader.get_field(gguf.Keys.General.ARCHITECTURE).contents())  # type: ignore[union-attr]
+    like_file = _layout(str(like.resolve()), file_stamp(like))
+    arch = like_file.arch
     if arch not in _PLAIN_ARCHS:
         raise ConfigError(
             f"writing a GGUF file: architecture {arch!r} is not supported (supported: {', '.join(_PLAIN_ARCHS)})"
         )
     model_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
-    blocks = int(reader.get_field(f"{arch}.block_count").contents())  # type: ignore[union-attr]
-    names = gguf.get_tensor_name_map(model_arch, blocks)
-    template = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
+    names = gguf.get_tensor_name_map(model_arch, like_file.blocks)
+    template = dict(like_file.tensors)
     quant = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
              "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[tensor_type]  # fmt: skip
 
@@ -171,27 +253,20 @@ def write_gguf(model_folder: Path, like: Path, out: Path, tensor_type: str = "f1
     tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
     out.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(tmp, arch)
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name in (
-            gguf.Keys.General.ARCHITECTURE,
-            gguf.Keys.General.FILE_TYPE,
-        ):
-            continue
-        value_type = field.types[0]
-        sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), value_type, sub_type=sub_type)
+    for name, contents, value_type, sub_type in like_file.fields:
+        writer.add_key_value(name, contents, value_type, sub_type=sub_type)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[tensor_type]  # fmt: skip
     writer.add_file_type(int(file_type))
-    for t in reader.tensors:  # the template's order
-        data = written[t.name]
+    for name, _ in like_file.tensors:  # the template's order
+        data = written[name]
         if data.ndim == 1 or quant == gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(t.name, np.ascontiguousarray(data, dtype=np.float32))
+            writer.add_tensor(name, np.ascontiguousarray(data, dtype=np.float32))
         elif quant == gguf.GGMLQuantizationType.F16:
-            writer.add_tensor(t.name, np.ascontiguousarray(data, dtype=np.float16))
+            writer.add_tensor(name, np.ascontiguousarray(data, dtype=np.float16))
         else:
             packed = gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), quant)
-            writer.add_tensor(t.name, packed, raw_dtype=quant)
+            writer.add_tensor(name, packed, raw_dtype=quant)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -7,8 +7,8 @@ always passed on; names such as `tiny:gpt2` or `builtin:...` are resolved first
 
 - `load_tokenizer`, `load_pretrained`: for training (right padding, pad = eos when missing;
   float32 weights, mixed precision autocasts).
-- `load_causal_lm`, `resolve_device`, `resolve_dtype`: for inference (eval mode, on a device, in a
-  dtype), as the judge and `generate` use them.
+- `load_causal_lm`, `resolve_device`: for inference (eval mode, on a device, in a dtype that
+  `models/precision.py` chose), as the judge and `generate` use them.
 - `load_model_config`: a model's config alone (its positions, its architecture).
 - `quiet_transformers`: transformers' loading reports and weight bars off (we print our own progress).
 
@@ -138,17 +138,6 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """ "auto": float32 on CPU; bfloat16 on a GPU that supports it, else float32."""
-    import torch  # why: as in load_pretrained
-
-    if dtype == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return getattr(torch, dtype)
 
 
 def load_causal_lm(

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from openrlaif.errors import ConfigError
+from openrlaif.models.precision import Precision, choose_precision
 from openrlaif.training.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         GradientState._reset_state()
     accelerator = Accelerator(
         cpu=cpu,
-        mixed_precision=resolve_mixed_precision(config),
+        mixed_precision=training_precision(config).mixed_precision,
         gradient_accumulation_steps=config.grad_accum_steps,
     )
     _fsdp_plugin(accelerator)
@@ -93,17 +94,11 @@ def _fsdp_plugin(accelerator: Accelerator) -> None:
     accelerator.state.fsdp_plugin = plugin
 
 
-def resolve_mixed_precision(config: TrainConfig) -> str:
-    """`auto` -> "bf16" where the hardware has native bf16 math, else "no"."""
-    if config.mixed_precision != "auto":
-        return config.mixed_precision
-    if torch.cuda.is_available() and not config.cpu:
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    native = [
-        getattr(torch.cpu, name, lambda: False)()
-        for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    ]
-    return "bf16" if any(native) else "no"
+def training_precision(config: TrainConfig) -> Precision:
+    """The run's mixed precision (bf16 autocast or none; the weights stay float32), chosen as
+    everywhere by `models.precision`: `auto` is bf16 where the hardware has native bf16 math."""
+    on_gpu = torch.cuda.is_available() and not config.cpu
+    return choose_precision(config.mixed_precision, torch.device("cuda" if on_gpu else "cpu"))
 
 
 def uses_fsdp(accelerator: Accelerator) -> bool:

@@ -23,6 +23,7 @@ from openrlaif.config import (
     resolve_shipped_yaml,
 )
 from openrlaif.errors import ConfigError
+from openrlaif.models.logprobs import DEFAULT_CHUNK_MIB
 
 
 class LoRASettings(StrictModel):
@@ -89,6 +90,10 @@ class TrainConfig(StrictModel):
     # natively (a GPU with bf16; a CPU with AVX512-BF16 or AMX, where it measured 1.5-2x faster)
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
     cpu: bool = False  # train on CPU even when a GPU is present (always CPU when none is)
+    # The LM head's logits are projected at most this many MiB (float32) at a time and recomputed
+    # in the backward pass, so a large vocabulary's positions x vocabulary logits are never whole
+    # (models/logprobs.py). null: all at once.
+    logits_chunk_mib: float | None = Field(DEFAULT_CHUNK_MIB, gt=0.0)
     lora: LoRASettings | None = None  # LoRA adapters instead of full fine-tuning (None: every weight trains)
 
     # bookkeeping

@@ -65,7 +65,7 @@ from openrlaif.data.io import write_atomic
 from openrlaif.data.records import prompt_json
 from openrlaif.models.kv import accepts_logits_to_keep
 from openrlaif.models.loading import load_pretrained, load_tokenizer
-from openrlaif.models.logprobs import IGNORE_INDEX, token_logprobs
+from openrlaif.models.logprobs import IGNORE_INDEX, lm_forward, token_logprobs
 from openrlaif.models.lora import adapters_disabled
 from openrlaif.models.names import resolve_model_path
 from openrlaif.training.batching import ShardedBatches, eval_shard, pad_right
@@ -263,9 +263,9 @@ def response_logprobs(model: torch.nn.Module, batch: DPOBatch) -> torch.Tensor:
     width = batch.input_ids.shape[1]
     keep = width - max(batch.first_label - 1, 0)  # logits at t predict token t+1
     kwargs: dict[str, Any] = {"logits_to_keep": keep} if accepts_logits_to_keep(model) else {}
-    logits = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **kwargs
-    ).logits
+    _, logits = lm_forward(
+        model, input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **kwargs
+    )
     logits = logits[:, -keep:]  # without logits_to_keep: the same slice of the full logits
     targets = batch.labels[:, width - keep + 1 :]
     return token_logprobs(logits[:, :-1], targets).sum(-1)
@@ -283,10 +283,11 @@ def _packed_logprobs(model: torch.nn.Module, batch: DPOBatch) -> torch.Tensor:
     start = int(batch.n_prompt.min()) - 1  # the first position whose logits are needed
     keep = width - start
     kwargs: dict[str, Any] = {"logits_to_keep": keep} if accepts_logits_to_keep(model) else {}
-    logits = model(
-        input_ids=batch.input_ids, attention_mask=mask[:, None], position_ids=batch.position_ids,
+    _, logits = lm_forward(
+        model, input_ids=batch.input_ids, attention_mask=mask[:, None], position_ids=batch.position_ids,
         use_cache=False, **kwargs,
-    ).logits[:, -keep:]  # fmt: skip
+    )  # fmt: skip
+    logits = logits[:, -keep:]
     logp = token_logprobs(logits[:, :-1], batch.labels[:, start + 1 :])  # token t from logits at t - 1
     # the first rejected token, from the logits at the prompt's last token
     rows = torch.arange(len(segments), device=segments.device)

@@ -58,6 +58,7 @@ from openrlaif.models.loading import (
     quiet_transformers,
 )
 from openrlaif.models.lora import LoRATask, attach_adapter_folder
+from openrlaif.models.precision import choose_precision
 from openrlaif.training.batching import ShardedBatches, eval_shard, pad_right
 from openrlaif.training.config import TrainConfig
 from openrlaif.training.losses import soft_label_loss
@@ -408,6 +409,7 @@ class RewardModel:
         device: str | torch.device = "cpu",
         chat: bool = False,
         pad_multiple: int = 1,
+        dtype: str = "auto",
     ) -> None:
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
@@ -415,6 +417,8 @@ class RewardModel:
         self.device = torch.device(device)
         self.chat = chat  # prompts rendered with the chat template, as in training
         self.pad_multiple = pad_multiple  # batches padded to a multiple of this many tokens
+        # float32 weights; bf16 autocast where the hardware runs it natively (`dtype: auto`)
+        self.precision = choose_precision(dtype, self.device)
 
     @classmethod
     def from_pretrained(
@@ -423,6 +427,7 @@ class RewardModel:
         device: str | torch.device = "cpu",
         trust_remote_code: bool = False,
         pad_multiple: int = 1,
+        dtype: str = "auto",
     ) -> RewardModel:
         quiet_transformers()
         path = Path(path)
@@ -438,7 +443,7 @@ class RewardModel:
             model = attach_adapter_folder(model, path, _lora_task(model_type))
         # a folder without the setting (another trainer's classifier) gets plain text
         chat = bool(meta.get("chat_template", False))
-        return cls(model, tokenizer, int(meta.get("max_length", 512)), device, chat, pad_multiple)
+        return cls(model, tokenizer, int(meta.get("max_length", 512)), device, chat, pad_multiple, dtype)
 
     @torch.no_grad()
     def score(
@@ -457,7 +462,9 @@ class RewardModel:
                 self.chat,
                 self.pad_multiple,
             )
-            out.append(reward_of(self.model, input_ids.to(self.device), attention_mask.to(self.device)).cpu())
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision.bf16):
+                rewards = reward_of(self.model, input_ids.to(self.device), attention_mask.to(self.device))
+            out.append(rewards.cpu())
         return torch.cat(out) if out else torch.zeros(0)
 
     def score_generations(

@@ -22,6 +22,7 @@ from openrlaif.data.lock import one_writer
 from openrlaif.data.records import Pair
 from openrlaif.errors import ConfigError
 from openrlaif.models.loading import quiet_transformers
+from openrlaif.models.logprobs import logits_chunk_mib
 from openrlaif.models.lora import LoRATask, add_lora, load_adapter_weights
 from openrlaif.models.names import resolve_model_path
 from openrlaif.training.accelerator import make_accelerator, set_seed
@@ -86,10 +87,15 @@ def one_writer_per_output_dir(train: Callable[..., TrainResult]) -> Callable[...
     """Decorates a trainer: its `output_dir` takes one writer, and a second run on it is refused at
     once (data/lock.py). Under a launcher the main process (RANK 0) holds the lock for the launch;
     if it is refused it exits, and the launcher stops the other processes. When the run is done
-    the main process writes the model folder's card (`model/README.md`, training/card.py)."""
+    the main process writes the model folder's card (`model/README.md`, training/card.py). The
+    run's LM-head logits are projected `logits_chunk_mib` at a time (models/logprobs.py)."""
 
     @functools.wraps(train)
     def run(config: TrainConfig, *args: Any, **kwargs: Any) -> TrainResult:
+        with logits_chunk_mib(config.logits_chunk_mib):
+            return locked(config, *args, **kwargs)
+
+    def locked(config: TrainConfig, *args: Any, **kwargs: Any) -> TrainResult:
         if int(os.environ.get("RANK", "0")) != 0:
             return train(config, *args, **kwargs)
         with one_writer(config.output_dir):

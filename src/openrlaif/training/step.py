@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from openrlaif.training.accelerator import training_precision
 from openrlaif.training.batching import ShardedBatches, plan_steps
 from openrlaif.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, save_model_folder
 from openrlaif.training.config import TrainConfig
@@ -79,7 +80,7 @@ class StepParts:
             + (f"{extra}; " if extra else "")
             + f"{self.total_steps} steps of {global_batch} {unit} ({config.batch_size} x "
             f"{config.grad_accum_steps} accumulation x {accelerator.num_processes} process(es)); "
-            f"{accelerator.device}, mixed precision {accelerator.mixed_precision}"
+            f"{training_precision(config).line()}"
             + (f"; {after}" if after else "")
             + (f"; resuming after step {self.start_step} from {self.checkpoint.path}" if self.checkpoint else "")
         )  # fmt: skip

@@ -21,6 +21,8 @@ class RewardSource(StrictModel):
     path: str | None = None  # reward_model: the folder `openrlaif train rm` wrote
     judge: str | None = None  # judge_*: a shipped judge name or a judge YAML file
     batch_size: int = Field(16, ge=1)  # reward-model scoring batch
+    # reward_model: bf16 autocast or none; auto: bf16 where the hardware runs it natively
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     # judge_pairwise: which samples of a prompt the judge compares (each pair in both orders):
     # all_pairs K(K-1) judgments per prompt; anchor: each sample against one anchor response, 2K;
     # round_robin: each sample against the next `rounds` samples

@@ -34,7 +34,7 @@ from openrlaif.inference.server import RolloutSampler
 from openrlaif.models.heads import TokenValueModel
 from openrlaif.models.loading import load_pretrained, load_tokenizer, quiet_transformers
 from openrlaif.models.names import resolve_model_path
-from openrlaif.training.accelerator import make_accelerator, set_seed
+from openrlaif.training.accelerator import make_accelerator, set_seed, training_precision
 from openrlaif.training.batching import ShardedBatches, plan_steps
 from openrlaif.training.checkpoint import load_checkpoint, save_checkpoint, save_model_folder
 from openrlaif.training.errors import TrainingError, check_finite
@@ -175,10 +175,12 @@ def train_rl(
     logger.print(
         f"RL ({config.algorithm}, reward {config.reward.type}): {len(prompts)} prompts; {total_steps} steps of "
         f"{config.batch_size * accelerator.num_processes} prompts x {k} samples; β {config.beta}, temperature "
-        f"{config.temperature}; {device}, mixed precision {accelerator.mixed_precision}"
+        f"{config.temperature}; {training_precision(config).line()}"
         + (f"; {config.grad_accum_steps} micro-batches per update" if config.grad_accum_steps > 1 else "")
         + (f"; resuming after step {start_step} from {checkpoint.path}" if checkpoint else "")
     )
+    for line in rewarder.runs_on:
+        logger.print(line)
     if config.gradient_checkpointing and not checkpointing:
         logger.print(
             "note: gradient_checkpointing is on, but the model has no Hugging Face checkpointable layers"

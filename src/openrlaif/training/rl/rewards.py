@@ -5,7 +5,7 @@ standardisation over the batch (`normalize_rewards`), and the KL-shaped per-toke
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -104,6 +104,7 @@ class Rewarder:
     # rewards on the samples' scale (the canaries of guards.py): a score, or with judge_pairwise
     # the mean P(win) against the K samples (anchor: against the anchor)
     score_alone: Callable[[list[Prompt], list[str], list[list[str]], list[str] | None], list[float]]
+    runs_on: list[str] = field(default_factory=list)  # where its models run, one line each (for the log)
 
 
 def make_rewarder(config: RLBaseConfig, tokenizer: Any, device: torch.device, judge: Any = None) -> Rewarder:
@@ -114,7 +115,7 @@ def make_rewarder(config: RLBaseConfig, tokenizer: Any, device: torch.device, ju
     if source.type == "reward_model":
         # scoring batches padded as the trainers pad theirs
         rm = RewardModel.from_pretrained(
-            source.path or "", device=device, pad_multiple=config.pad_to_multiple_of
+            source.path or "", device=device, pad_multiple=config.pad_to_multiple_of, dtype=source.dtype
         )
 
         def rm_prefers(pairs: list[Pair]) -> list[float]:
@@ -129,10 +130,14 @@ def make_rewarder(config: RLBaseConfig, tokenizer: Any, device: torch.device, ju
             ),
             rm_prefers,
             lambda prompts, texts, groups, anchors: rm.score(prompts, texts, source.batch_size).tolist(),
+            [f"reward model {source.path}: {rm.precision.line()}"],
         )
     if judge is None:
         cache = JudgmentCache(source.cache) if source.cache else None
         judge = build_judge(load_judge_config(source.judge or ""), cache)
+
+    # a judge given programmatically may be any object with the judge's methods it is asked for
+    runs_on = judge.runs_on() if hasattr(judge, "runs_on") else []
 
     def judge_prefers(pairs: list[Pair]) -> list[float]:
         return [c.p_a for c in judge.compare_many([(p.prompt, p.response_a, p.response_b) for p in pairs])]
@@ -145,6 +150,7 @@ def make_rewarder(config: RLBaseConfig, tokenizer: Any, device: torch.device, ju
             lambda prompts, texts, ids, anchors: PairwiseRewards(judge_scores(prompts, texts), []),
             judge_prefers,
             judge_scores,
+            runs_on,
         )
 
     def against_samples(
@@ -163,4 +169,5 @@ def make_rewarder(config: RLBaseConfig, tokenizer: Any, device: torch.device, ju
         ),
         judge_prefers,
         against_samples,
+        runs_on,
     )

@@ -25,7 +25,14 @@ import torch
 from openrlaif.inference.local import Sample, sample
 from openrlaif.inference.server import RolloutSampler, sample_from_server
 from openrlaif.models.kv import accepts_logits_to_keep, cache_argument, output_cache
-from openrlaif.models.logprobs import IGNORE_INDEX, token_logprobs
+from openrlaif.models.logprobs import (
+    IGNORE_INDEX,
+    Logits,
+    cat_logits,
+    lm_forward,
+    token_logprobs,
+    token_logprobs_and_entropy,
+)
 from openrlaif.models.lora import adapters_disabled
 from openrlaif.training.accelerator import uses_fsdp
 from openrlaif.training.checkpoint import save_model_folder
@@ -168,20 +175,17 @@ def response_logprobs(
     logits = _shared_prompt_logits(model, seqs) if share_prompts else None
     if logits is None:
         kwargs: dict[str, Any] = {"logits_to_keep": width} if accepts_logits_to_keep(model) else {}
-        logits = model(
-            input_ids=seqs.input_ids, attention_mask=seqs.attention_mask, position_ids=seqs.position_ids,
+        _, logits = lm_forward(
+            model, input_ids=seqs.input_ids, attention_mask=seqs.attention_mask, position_ids=seqs.position_ids,
             use_cache=False, **kwargs,
-        ).logits[:, -width:]  # fmt: skip
-    logits = logits.float()
-    logp = token_logprobs(logits, seqs.labels)
-    entropy = None
+        )  # fmt: skip
+        logits = logits[:, -width:]
     if with_entropy:
-        with torch.no_grad():
-            entropy = torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
-    return logp, entropy
+        return token_logprobs_and_entropy(logits, seqs.labels)
+    return token_logprobs(logits, seqs.labels), None
 
 
-def _shared_prompt_logits(model: torch.nn.Module, seqs: Sequences) -> torch.Tensor | None:
+def _shared_prompt_logits(model: torch.nn.Module, seqs: Sequences) -> Logits | None:
     """The response positions' logits, (N, R, V), with each distinct prompt encoded once (RL's K
     samples of a prompt share it): its KV cache is copied to its rows, which then run their
     response tokens only. The same numbers as one full pass up to float rounding. None when no
@@ -196,20 +200,20 @@ def _shared_prompt_logits(model: torch.nn.Module, seqs: Sequences) -> torch.Tens
         return None
     ids, mask = distinct[:, :prompt_width], distinct[:, prompt_width:]
     one: dict[str, Any] = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
-    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                use_cache=True, **one)  # fmt: skip
+    out, logits = lm_forward(model, input_ids=ids, attention_mask=mask,
+                             position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, **one)  # fmt: skip
     cache = output_cache(out)
     if type(cache) is not DynamicCache:
         return None
-    first = out.logits[:, -1:][inverse]  # the last prompt position predicts the first response token
+    first = logits[:, -1:][inverse]  # the last prompt position predicts the first response token
     if width == 1:
         return first
     cache.batch_select_indices(inverse)
-    rest = model(
-        input_ids=seqs.input_ids[:, prompt_width:], attention_mask=seqs.attention_mask,
+    _, rest = lm_forward(
+        model, input_ids=seqs.input_ids[:, prompt_width:], attention_mask=seqs.attention_mask,
         position_ids=seqs.position_ids[:, prompt_width:], use_cache=True, **{cache_argument(model): cache},
-    ).logits  # fmt: skip
-    return torch.cat([first, rest], 1)
+    )  # fmt: skip
+    return cat_logits([first, rest], 1)
 
 
 def response_values(value_model: torch.nn.Module, seqs: Sequences) -> torch.Tensor:
